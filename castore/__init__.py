@@ -1,0 +1,41 @@
+"""castore: an async-first, content-addressed checkpoint store.
+
+store = castore.CheckpointStore("s3://bucket/ckpt", key="run-42/train")
+await store.save("checkpoints/")        # or store.save_sync(...) in plain code
+path = await store.load("checkpoints/")  # on the next attempt: back where it was
+"""
+
+from ._errors import (
+    CastoreError,
+    CheckpointNotFoundError,
+    IntegrityError,
+    InvalidURLError,
+    ObjectNotFoundError,
+    SourceNotFoundError,
+    StorageError,
+    StoragePermissionError,
+    StorageUnavailableError,
+    UsageError,
+)
+from ._store import CheckpointStore
+from ._types import CheckpointContents, CheckpointInfo, EntryInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CastoreError",
+    "CheckpointContents",
+    "CheckpointInfo",
+    "CheckpointNotFoundError",
+    "CheckpointStore",
+    "EntryInfo",
+    "IntegrityError",
+    "InvalidURLError",
+    "ObjectNotFoundError",
+    "SourceNotFoundError",
+    "StorageError",
+    "StoragePermissionError",
+    "StorageUnavailableError",
+    "UsageError",
+    "__version__",
+]

@@ -1,0 +1,20 @@
+"""Storage backends: one async interface, implementations, and wrappers."""
+
+from ._base import Backend, BackendWrapper, ObjectInfo
+from ._local import LocalBackend
+from ._obstore import ObstoreBackend
+from ._open import REMOTE_SCHEMES, open_backend
+from ._wrappers import Fault, FaultBackend, RetryBackend
+
+__all__ = [
+    "REMOTE_SCHEMES",
+    "Backend",
+    "BackendWrapper",
+    "Fault",
+    "FaultBackend",
+    "LocalBackend",
+    "ObjectInfo",
+    "ObstoreBackend",
+    "RetryBackend",
+    "open_backend",
+]

@@ -1,0 +1,100 @@
+"""The storage interface every backend implements, and the pass-through wrapper.
+
+Keys are ``/``-separated relative names such as ``blobs/ab/ab12…``. Every backend
+behaves alike where the underlying stores differ: a missing key raises
+ObjectNotFoundError on read and is a no-op on delete; ``put_if_absent`` returns
+False instead of raising when the key exists; ``list`` yields every key under a
+prefix in no particular order.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+__all__ = ["Backend", "BackendWrapper", "ObjectInfo"]
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    modified: float
+    """Last modification, seconds since the epoch."""
+
+
+class Backend(abc.ABC):
+    """An async key/value object store."""
+
+    url: str
+    """Where the store lives, without credentials."""
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> bytes:
+        """The object's bytes; ObjectNotFoundError if there is none."""
+
+    @abc.abstractmethod
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` up to ``end`` (exclusive) of the object."""
+
+    @abc.abstractmethod
+    async def put(self, key: str, data: bytes) -> None:
+        """Create or replace the object."""
+
+    @abc.abstractmethod
+    async def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Create the object unless it exists. True if this call created it."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove the object; silently nothing if it does not exist."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``."""
+
+    @abc.abstractmethod
+    async def head(self, key: str) -> ObjectInfo | None:
+        """The object's metadata, or None if it does not exist."""
+
+    async def flush(self) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Make every completed put durable. Object stores are durable on return."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Release connections and file handles."""
+
+
+class BackendWrapper(Backend):
+    """Passes every call to ``inner``; subclasses override what they change."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.url = inner.url
+
+    async def get(self, key: str) -> bytes:
+        return await self.inner.get(key)
+
+    async def get_range(self, key: str, start: int, end: int) -> bytes:
+        return await self.inner.get_range(key, start, end)
+
+    async def put(self, key: str, data: bytes) -> None:
+        await self.inner.put(key, data)
+
+    async def put_if_absent(self, key: str, data: bytes) -> bool:
+        return await self.inner.put_if_absent(key, data)
+
+    async def delete(self, key: str) -> None:
+        await self.inner.delete(key)
+
+    def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    async def head(self, key: str) -> ObjectInfo | None:
+        return await self.inner.head(key)
+
+    async def flush(self) -> None:
+        await self.inner.flush()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -1,0 +1,103 @@
+"""Content-defined chunking of files in bounded buffers.
+
+FastCDC decides each cut from the bytes since the previous cut only, so a file can be
+fed in segments: every chunk that ends before the segment's end is final, and the
+unfinished tail is carried into the next segment. The result is identical to chunking
+the whole file at once, while memory stays at one segment per reader (pyfastcdc's own
+``cut_file`` maps the whole file instead, which counts every touched page toward RSS).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+from pyfastcdc import FastCDC
+
+__all__ = ["ChunkParams", "FileChunker", "chunk_bytes"]
+
+
+@dataclass(frozen=True)
+class ChunkParams:
+    """Chunk size bounds in bytes. The mean chunk is close to ``avg_size``."""
+
+    min_size: int = 256 * 1024
+    avg_size: int = 1024 * 1024
+    max_size: int = 4 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not 64 <= self.min_size < self.avg_size < self.max_size:
+            raise ValueError("chunk sizes must satisfy 64 <= min < avg < max")
+        if self.max_size > 16 * 1024 * 1024:
+            raise ValueError("max chunk size is at most 16 MiB")
+        if self.avg_size - self.min_size < 256:
+            raise ValueError("avg chunk size must exceed min by at least 256 bytes")
+
+    def new_cutter(self) -> FastCDC:
+        # pyfastcdc's mean output is avg_size + min_size (cut-point skipping), so ask
+        # for the difference to get the mean that was configured.
+        return FastCDC(
+            self.avg_size - self.min_size,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            normalized_chunking=1,
+        )
+
+
+def chunk_bytes(data: bytes | memoryview, params: ChunkParams) -> list[memoryview]:
+    """Cut an in-memory buffer into content-defined chunks (views into ``data``)."""
+    view = memoryview(data)
+    return [view[c.offset : c.offset + c.length] for c in params.new_cutter().cut_buf(view)]
+
+
+class FileChunker:
+    """Reads one file in segments and returns its chunks a batch at a time.
+
+    Not thread-safe: one worker thread at a time calls :meth:`next_batch`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], params: ChunkParams, segment: int) -> None:
+        self._path = path
+        self._file: io.FileIO | None = None
+        self._params = params
+        self._cutter = params.new_cutter()
+        self._segment = max(segment, 2 * params.max_size)
+        self._buf = bytearray()
+        self._carry = 0
+        self.done = False
+
+    def next_batch(self) -> list[bytes]:
+        """The next chunks, in order; an empty list once the file is exhausted."""
+        if self.done:
+            return []
+        if self._file is None:
+            # Opened here, in the worker thread, not by the caller's event loop.
+            self._file = io.FileIO(self._path, "rb")
+            self._buf = bytearray(self._segment + self._params.max_size)
+        view = memoryview(self._buf)
+        filled = self._carry
+        target = self._carry + self._segment
+        # One read per segment: on a regular file a short read means the end, so a
+        # file smaller than the segment costs a single thread hop.
+        filled += self._file.readinto(view[filled:target]) or 0
+        eof = filled < target
+        data = view[:filled]
+        cuts = list(self._cutter.cut_buf(data)) if filled else []
+        # The last cut may be forced by the segment's end: unless at EOF, re-cut it
+        # together with the next segment. The segment is at least two max-size chunks,
+        # so a batch before EOF always holds at least one final chunk.
+        tail_start = filled if eof or not cuts else cuts.pop().offset
+        chunks = [bytes(data[c.offset : c.offset + c.length]) for c in cuts]
+        del data, view
+        self._carry = filled - tail_start
+        self._buf[: self._carry] = self._buf[tail_start:filled]
+        if eof:
+            self.close()
+        return chunks
+
+    def close(self) -> None:
+        self.done = True
+        self._buf = bytearray()
+        if self._file is not None:
+            self._file.close()

@@ -1,0 +1,256 @@
+"""Manifests: encode, decode and validate. Pure functions, no I/O.
+
+A manifest is the single object that makes a checkpoint exist. It is written last,
+with put-if-absent, after every blob it references is durable. Its bytes are::
+
+    magic b"CSTM", format version (1 byte), 3 reserved bytes, zstd(JSON) with checksum
+
+The JSON lists the blobs once (id, raw size) and each entry refers to them by index,
+so a manifest costs bytes per chunk reference, not per data byte. Files are
+described by *parts*, ``(blob index, offset in blob, length)``, which lets a large
+file span whole chunks and many small files share one bundle blob.
+
+Decoding validates everything a restore relies on: every path is relative, has no
+``.``/``..``/empty component and sits under a declared directory (so nothing can be
+written through a symlink or outside the destination), every part lies inside its
+blob, and parts add up to the file's size. A manifest that fails raises IntegrityError.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import zstandard
+
+from ._codec import MAX_BLOB_RAW_SIZE
+from ._errors import IntegrityError, UsageError
+from ._types import EntryType, SourceKind
+
+__all__ = [
+    "MANIFEST_FORMAT_VERSION",
+    "Entry",
+    "Manifest",
+    "Part",
+    "decode_manifest",
+    "encode_manifest",
+    "validate_key",
+    "validate_relpath",
+]
+
+MANIFEST_FORMAT_VERSION = 1
+MAX_MANIFEST_SIZE = 256 * 1024 * 1024
+_MAGIC = b"CSTM"
+_BLOB_ID = re.compile(r"[0-9a-f]{64}\Z")
+_KEY = re.compile(r"[A-Za-z0-9._=+@-]+(/[A-Za-z0-9._=+@-]+)*\Z")
+_TYPE_CODES: dict[EntryType, str] = {"file": "f", "dir": "d", "symlink": "l"}
+_CODE_TYPES: dict[str, EntryType] = {v: k for k, v in _TYPE_CODES.items()}
+_KINDS: tuple[SourceKind, ...] = ("dir", "file", "bytes")
+
+Part = tuple[int, int, int]
+"""(index into Manifest.blobs, offset inside the blob's raw bytes, length)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    type: EntryType
+    mode: int
+    size: int = 0
+    target: str | None = None
+    parts: tuple[Part, ...] = ()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    id: str
+    key: str
+    attempt: int
+    seq: int
+    created_at: float
+    kind: SourceKind
+    parent: str | None
+    blobs: tuple[tuple[str, int], ...]
+    entries: tuple[Entry, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+    pinned: bool = False
+
+
+def validate_key(key: str) -> str:
+    """A checkpoint key: slash-separated names of letters, digits and ``._=+@-``."""
+    if not isinstance(key, str) or not _KEY.match(key) or len(key) > 512:
+        raise UsageError(
+            f"invalid checkpoint key {key!r}: use names of letters, digits and ._=+@- "
+            "separated by '/'"
+        )
+    if any(part in (".", "..") for part in key.split("/")):
+        raise UsageError(f"invalid checkpoint key {key!r}: '.' and '..' are not names")
+    return key
+
+
+def validate_relpath(path: object) -> str:
+    """Return ``path`` if it is a safe relative POSIX path, else raise IntegrityError."""
+    if not isinstance(path, str) or not path:
+        raise IntegrityError(f"unsafe path in manifest: {path!r}")
+    if path.startswith("/") or "\x00" in path:
+        raise IntegrityError(f"unsafe path in manifest: {path!r}")
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        raise IntegrityError(f"unsafe path in manifest: {path!r}")
+    return path
+
+
+def encode_manifest(m: Manifest) -> bytes:
+    doc: dict[str, Any] = {
+        "format": MANIFEST_FORMAT_VERSION,
+        "id": m.id,
+        "key": m.key,
+        "attempt": m.attempt,
+        "seq": m.seq,
+        "created_at": m.created_at,
+        "kind": m.kind,
+        "parent": m.parent,
+        "pinned": m.pinned,
+        "metadata": m.metadata,
+        "stats": m.stats,
+        "blobs": [[b, n] for b, n in m.blobs],
+        "entries": [_encode_entry(e) for e in m.entries],
+    }
+    try:
+        text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"checkpoint metadata must be JSON-serialisable: {exc}") from exc
+    body = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(text.encode())
+    return _MAGIC + bytes([MANIFEST_FORMAT_VERSION, 0, 0, 0]) + body
+
+
+def _encode_entry(e: Entry) -> dict[str, Any]:
+    out: dict[str, Any] = {"p": e.path, "t": _TYPE_CODES[e.type], "m": e.mode}
+    if e.type == "file":
+        out["s"] = e.size
+        out["c"] = [list(p) for p in e.parts]
+    elif e.type == "symlink":
+        out["x"] = e.target
+    return out
+
+
+def decode_manifest(data: bytes | memoryview, *, expect_id: str | None = None) -> Manifest:
+    """Parse and validate a manifest; IntegrityError on anything malformed or unsafe."""
+    raw = bytes(data)
+    if len(raw) < 8 or raw[:4] != _MAGIC:
+        raise IntegrityError("not a castore manifest")
+    if raw[4] != MANIFEST_FORMAT_VERSION:
+        raise IntegrityError(f"unsupported manifest format version {raw[4]}")
+    try:
+        text = zstandard.ZstdDecompressor().decompress(raw[8:], max_output_size=MAX_MANIFEST_SIZE)
+        doc = json.loads(text)
+    except (zstandard.ZstdError, ValueError) as exc:
+        raise IntegrityError(f"corrupt manifest: {exc}") from exc
+    try:
+        return _from_doc(doc, expect_id)
+    except IntegrityError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise IntegrityError(f"malformed manifest: {exc!r}") from exc
+
+
+def _int(value: object, what: str, lo: int = 0, hi: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        raise IntegrityError(f"malformed manifest: bad {what} {value!r}")
+    if hi is not None and value > hi:
+        raise IntegrityError(f"malformed manifest: {what} {value!r} above {hi}")
+    return value
+
+
+def _from_doc(doc: dict[str, Any], expect_id: str | None) -> Manifest:
+    if doc["format"] != MANIFEST_FORMAT_VERSION:
+        raise IntegrityError(f"unsupported manifest format {doc['format']!r}")
+    mid = doc["id"]
+    if not isinstance(mid, str) or (expect_id is not None and mid != expect_id):
+        raise IntegrityError(f"manifest id {mid!r} does not match its name")
+    try:
+        key = validate_key(doc["key"])
+    except UsageError as exc:
+        raise IntegrityError(f"malformed manifest: {exc}") from exc
+    kind = doc["kind"]
+    if kind not in _KINDS:
+        raise IntegrityError(f"malformed manifest: unknown kind {kind!r}")
+    parent = doc["parent"]
+    if parent is not None and not isinstance(parent, str):
+        raise IntegrityError("malformed manifest: bad parent")
+    blobs: list[tuple[str, int]] = []
+    for blob_id, size in doc["blobs"]:
+        if not isinstance(blob_id, str) or not _BLOB_ID.match(blob_id):
+            raise IntegrityError(f"malformed manifest: bad blob id {blob_id!r}")
+        blobs.append((blob_id, _int(size, "blob size", 1, MAX_BLOB_RAW_SIZE)))
+    entries = tuple(_decode_entry(e, blobs) for e in doc["entries"])
+    _check_tree(entries, cast(SourceKind, kind))
+    metadata = doc["metadata"]
+    stats = doc["stats"]
+    if not isinstance(metadata, dict) or not isinstance(stats, dict):
+        raise IntegrityError("malformed manifest: metadata and stats must be objects")
+    created_at = doc["created_at"]
+    if not isinstance(created_at, (int, float)):
+        raise IntegrityError("malformed manifest: bad created_at")
+    return Manifest(
+        id=mid,
+        key=key,
+        attempt=_int(doc["attempt"], "attempt"),
+        seq=_int(doc["seq"], "seq"),
+        created_at=float(created_at),
+        kind=cast(SourceKind, kind),
+        parent=parent,
+        blobs=tuple(blobs),
+        entries=entries,
+        metadata=metadata,
+        stats=stats,
+        pinned=bool(doc.get("pinned", False)),
+    )
+
+
+def _decode_entry(e: dict[str, Any], blobs: list[tuple[str, int]]) -> Entry:
+    path = validate_relpath(e["p"])
+    etype = _CODE_TYPES.get(e["t"])
+    if etype is None:
+        raise IntegrityError(f"malformed manifest: unknown entry type {e['t']!r} for {path!r}")
+    mode = _int(e["m"], "mode", 0, 0o7777)
+    if etype == "dir":
+        return Entry(path, etype, mode)
+    if etype == "symlink":
+        target = e["x"]
+        if not isinstance(target, str) or not target or "\x00" in target:
+            raise IntegrityError(f"malformed manifest: bad symlink target for {path!r}")
+        return Entry(path, etype, mode, target=target)
+    size = _int(e["s"], "size")
+    parts: list[Part] = []
+    total = 0
+    for index, offset, length in e["c"]:
+        _int(index, "blob index", 0, len(blobs) - 1)
+        _int(offset, "part offset")
+        _int(length, "part length", 1)
+        if offset + length > blobs[index][1]:
+            raise IntegrityError(f"malformed manifest: part of {path!r} outside its blob")
+        parts.append((index, offset, length))
+        total += length
+    if total != size:
+        raise IntegrityError(f"malformed manifest: parts of {path!r} add up to {total}, not {size}")
+    return Entry(path, etype, mode, size=size, parts=tuple(parts))
+
+
+def _check_tree(entries: tuple[Entry, ...], kind: SourceKind) -> None:
+    dirs: set[str] = set()
+    seen: set[str] = set()
+    for e in entries:
+        if e.path in seen:
+            raise IntegrityError(f"malformed manifest: duplicate path {e.path!r}")
+        seen.add(e.path)
+        if e.type == "dir":
+            dirs.add(e.path)
+    for e in entries:
+        parent, _, _ = e.path.rpartition("/")
+        if parent and parent not in dirs:
+            raise IntegrityError(f"unsafe manifest: {e.path!r} is not under a directory entry")
+    if kind != "dir" and (len(entries) != 1 or entries[0].type != "file" or "/" in entries[0].path):
+        raise IntegrityError(f"malformed manifest: a {kind} checkpoint holds exactly one file")

@@ -1,0 +1,166 @@
+"""Content-addressed blobs and manifests on a backend.
+
+Layout under the store's root (a bucket prefix or a directory)::
+
+    castore.json                              format version and the store's random id
+    blobs/<2 hex>/<64 hex>                    one chunk or bundle, see _codec
+    manifests/<key, "/" as "~">/<seq:012d>-a<attempt>-<id>
+
+A manifest's name carries what ``load()`` needs to pick the newest checkpoint
+(sequence and attempt), so choosing one costs a listing, not a read per manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import anyio
+import anyio.to_thread
+
+from ._backends import Backend
+from ._codec import decode_blob
+from ._errors import CheckpointNotFoundError, IntegrityError, ObjectNotFoundError
+from ._manifest import Manifest, decode_manifest, encode_manifest, validate_key
+
+__all__ = ["ManifestRef", "Repository", "blob_key"]
+
+STORE_FORMAT_VERSION = 1
+_CONFIG_KEY = "castore.json"
+_MANIFEST_NAME = re.compile(r"(\d{12})-a(\d+)-([0-9a-f]{16})\Z")
+
+
+def blob_key(blob_id: str) -> str:
+    return f"blobs/{blob_id[:2]}/{blob_id}"
+
+
+def _key_dir(key: str) -> str:
+    # "~" cannot occur in a key, so the mapping is reversible and keys never nest:
+    # listing "run-1" never sees "run-1/eval".
+    return "manifests/" + key.replace("/", "~") + "/"
+
+
+@dataclass(frozen=True, order=True)
+class ManifestRef:
+    """A committed manifest, known from its name alone. Orders oldest first."""
+
+    seq: int
+    id: str
+    key: str
+    attempt: int
+    modified: float
+
+    @property
+    def object_key(self) -> str:
+        return f"{_key_dir(self.key)}{self.seq:012d}-a{self.attempt}-{self.id}"
+
+
+class Repository:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._store_id: str | None = None
+
+    async def store_id(self) -> str:
+        """The store's random id, created on first use. Caches keyed by it notice a
+        store that was wiped and recreated at the same URL."""
+        if self._store_id is None:
+            doc = {"format": STORE_FORMAT_VERSION, "store_id": secrets.token_hex(16)}
+            await self.backend.put_if_absent(_CONFIG_KEY, json.dumps(doc).encode())
+            raw = await self.backend.get(_CONFIG_KEY)
+            try:
+                config = json.loads(raw)
+                if config["format"] != STORE_FORMAT_VERSION:
+                    raise IntegrityError(f"store format {config['format']!r} is not supported")
+                self._store_id = str(config["store_id"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise IntegrityError(f"corrupt {_CONFIG_KEY} in {self.backend.url}") from exc
+        return self._store_id
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    async def put_blob(self, blob_id: str, blob: bytes) -> bool:
+        """Store an encoded blob unless present. True if this call stored it."""
+        return await self.backend.put_if_absent(blob_key(blob_id), blob)
+
+    async def get_blob_encoded(self, blob_id: str) -> bytes:
+        """The stored bytes of a blob, unverified; IntegrityError if it is missing."""
+        try:
+            return await self.backend.get(blob_key(blob_id))
+        except ObjectNotFoundError as exc:
+            raise IntegrityError(f"blob {blob_id} is missing from the store") from exc
+
+    async def get_blob(self, blob_id: str) -> bytes:
+        """A blob's raw chunk, verified against its id."""
+        encoded = await self.get_blob_encoded(blob_id)
+        return await anyio.to_thread.run_sync(decode_blob, blob_id, encoded)
+
+    # -- manifests -------------------------------------------------------------------------
+
+    async def list_manifests(self, key: str | None = None) -> list[ManifestRef]:
+        """Committed manifests of one key (or of every key), oldest first."""
+        prefix = _key_dir(validate_key(key)) if key is not None else "manifests/"
+        refs = []
+        async for info in self.backend.list(prefix):
+            ref = _parse_ref(info.key, info.modified)
+            if ref is not None:
+                refs.append(ref)
+        refs.sort()
+        return refs
+
+    async def read_manifest(self, ref: ManifestRef) -> Manifest:
+        try:
+            raw = await self.backend.get(ref.object_key)
+        except ObjectNotFoundError as exc:
+            raise CheckpointNotFoundError(f"checkpoint {ref.id} no longer exists") from exc
+        manifest = await anyio.to_thread.run_sync(lambda: decode_manifest(raw, expect_id=ref.id))
+        if manifest.key != ref.key or manifest.seq != ref.seq or manifest.attempt != ref.attempt:
+            raise IntegrityError(f"manifest {ref.object_key} does not match its name")
+        return manifest
+
+    async def find_manifest(self, checkpoint_id: str, key: str | None = None) -> ManifestRef:
+        for ref in await self.list_manifests(key):
+            if ref.id == checkpoint_id:
+                return ref
+        raise CheckpointNotFoundError(f"no checkpoint with id {checkpoint_id!r}")
+
+    async def commit_manifest(self, manifest: Manifest) -> ManifestRef:
+        """Write the manifest with put-if-absent; the checkpoint exists from here on."""
+        ref = ManifestRef(manifest.seq, manifest.id, manifest.key, manifest.attempt, 0.0)
+        data = await anyio.to_thread.run_sync(encode_manifest, manifest)
+        # A retried put whose first try landed reads back as ours; anything else is a
+        # collision of random ids, which must not pass silently.
+        if not await self.backend.put_if_absent(ref.object_key, data) and (
+            await self.backend.get(ref.object_key) != data
+        ):
+            raise IntegrityError(f"manifest {ref.object_key} already exists")
+        await self.backend.flush()
+        return ref
+
+    async def next_seq(self, key: str) -> int:
+        refs = await self.list_manifests(key)
+        return refs[-1].seq + 1 if refs else 1
+
+    async def referenced_blobs(self, refs: Iterable[ManifestRef]) -> set[str]:
+        blobs: set[str] = set()
+        for ref in refs:
+            manifest = await self.read_manifest(ref)
+            blobs.update(b for b, _ in manifest.blobs)
+        return blobs
+
+
+def _parse_ref(object_key: str, modified: float) -> ManifestRef | None:
+    _, _, rest = object_key.partition("manifests/")
+    key_dir, _, name = rest.partition("/")
+    match = _MANIFEST_NAME.match(name)
+    if match is None or not key_dir:
+        return None
+    return ManifestRef(
+        int(match.group(1)),
+        match.group(3),
+        key_dir.replace("~", "/"),
+        int(match.group(2)),
+        modified,
+    )

@@ -1,0 +1,90 @@
+"""Walk a source tree: one pass of lstat, no file contents. Runs in a worker thread."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from ._errors import SourceNotFoundError, UsageError
+from ._types import EntryType
+
+__all__ = ["ScannedEntry", "StatKey", "scan_file", "scan_tree"]
+
+StatKey = tuple[int, int, int, int]
+"""(size, mtime_ns, ctime_ns, inode): a file whose StatKey is unchanged was not rewritten."""
+
+
+@dataclass(frozen=True)
+class ScannedEntry:
+    path: str
+    """Relative POSIX path inside the checkpoint."""
+    abspath: str
+    type: EntryType
+    mode: int
+    size: int = 0
+    stat_key: StatKey = (0, 0, 0, 0)
+    target: str | None = None
+
+
+def scan_tree(root: str) -> tuple[list[ScannedEntry], list[str]]:
+    """Every directory, regular file and symlink under ``root`` (not root itself),
+    sorted by path; plus the paths skipped because they are sockets, FIFOs or devices.
+    Symlinks are recorded as links and never followed."""
+    try:
+        st = os.stat(root)
+    except FileNotFoundError as exc:
+        raise SourceNotFoundError(f"no such directory: {root}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"not a directory: {root}")
+    entries: list[ScannedEntry] = []
+    skipped: list[str] = []
+    pending = [("", root)]
+    while pending:
+        rel_dir, abs_dir = pending.pop()
+        with os.scandir(abs_dir) as it:
+            children = sorted(it, key=lambda e: e.name)
+        for child in children:
+            rel = f"{rel_dir}{_name(child.name, abs_dir)}"
+            entry = _entry(rel, child.path, child.stat(follow_symlinks=False))
+            if entry is None:
+                skipped.append(rel)
+                continue
+            entries.append(entry)
+            if entry.type == "dir":
+                pending.append((rel + "/", child.path))
+    entries.sort(key=lambda e: e.path)
+    return entries, skipped
+
+
+def scan_file(path: str) -> ScannedEntry:
+    """A single regular file, saved under its base name."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as exc:
+        raise SourceNotFoundError(f"no such file: {path}") from exc
+    entry = _entry(_name(os.path.basename(path), path), path, st)
+    if entry is None or entry.type != "file":
+        raise UsageError(f"not a regular file or directory: {path}")
+    return entry
+
+
+def _name(name: str, where: str) -> str:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(f"file name is not valid UTF-8 in {where}: {name!r}") from exc
+    return name
+
+
+def _entry(rel: str, abspath: str, st: os.stat_result) -> ScannedEntry | None:
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISREG(st.st_mode):
+        key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        return ScannedEntry(rel, abspath, "file", mode, st.st_size, key)
+    if stat.S_ISDIR(st.st_mode):
+        return ScannedEntry(rel, abspath, "dir", mode)
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(abspath)
+        return ScannedEntry(rel, abspath, "symlink", mode, target=_name(target, abspath))
+    return None

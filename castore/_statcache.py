@@ -1,0 +1,91 @@
+"""The local stat cache: unchanged files are not read again.
+
+Maps a file's absolute path and StatKey (size, mtime_ns, ctime_ns, inode) to the
+parts its bytes were stored as, restic- and borg-style. One cache file per (store id,
+checkpoint key) under the user cache directory. It is written only after a manifest
+committed, so every blob it names was durable in the store at that moment; the blob
+ids it holds double as the "known blobs" a save need not upload again. A file whose
+mtime is within ``RECENT_NS`` of the scan is not cached: it may still be changing
+within the file system's timestamp granularity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from ._scan import StatKey
+
+__all__ = ["RECENT_NS", "FilePart", "StatCache"]
+
+RECENT_NS = 2_000_000_000
+_VERSION = 1
+
+FilePart = tuple[str, int, int, int]
+"""(blob id, blob raw size, offset in the blob, length)."""
+
+
+class StatCache:
+    def __init__(self, path: Path | None, generation: str = "") -> None:
+        self.path = path
+        self.generation = generation
+        self._entries: dict[str, tuple[StatKey, list[FilePart]]] = {}
+        self._fresh: dict[str, tuple[StatKey, list[FilePart]]] = {}
+
+    @classmethod
+    def load(cls, path: Path, generation: str) -> StatCache:
+        """Read the cache; a missing, corrupt or stale-generation file gives an empty one."""
+        cache = cls(path, generation)
+        try:
+            raw = path.read_bytes()
+            doc = json.loads(zstandard.ZstdDecompressor().decompress(raw))
+            if doc["version"] == _VERSION and doc["generation"] == generation:
+                cache._entries = {
+                    p: (tuple(k), [tuple(part) for part in parts])
+                    for p, (k, parts) in doc["entries"].items()
+                }
+        except (OSError, ValueError, KeyError, TypeError, zstandard.ZstdError):
+            pass
+        return cache
+
+    def known_blobs(self) -> set[str]:
+        return {part[0] for _, parts in self._entries.values() for part in parts}
+
+    def lookup(self, abspath: str, key: StatKey) -> list[FilePart] | None:
+        hit = self._entries.get(abspath)
+        if hit is None or hit[0] != key:
+            return None
+        self._fresh[abspath] = hit
+        return hit[1]
+
+    def record(self, abspath: str, key: StatKey, parts: list[FilePart], scan_ns: int) -> None:
+        mtime_ns = key[1]
+        if scan_ns - mtime_ns >= RECENT_NS:
+            self._fresh[abspath] = (key, parts)
+
+    def save(self, root: str) -> None:
+        """Persist: entries under ``root`` as this save saw them, others as they were."""
+        if self.path is None:
+            return
+        prefix = root.rstrip(os.sep) + os.sep
+        merged: dict[str, Any] = {
+            p: v for p, v in self._entries.items() if not (p == root or p.startswith(prefix))
+        }
+        merged.update(self._fresh)
+        doc = {"version": _VERSION, "generation": self.generation, "entries": merged}
+        data = zstandard.ZstdCompressor(level=3).compress(json.dumps(doc).encode())
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, self.path)
+        except OSError:
+            # The cache is an optimisation: failing to write it must not fail a save.
+            with contextlib.suppress(OSError):
+                tmp.unlink()

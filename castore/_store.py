@@ -1,0 +1,398 @@
+"""``CheckpointStore``: the public async API and its blocking twins."""
+
+from __future__ import annotations
+
+import builtins
+import datetime as _dt
+import functools
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import blake3
+import platformdirs
+
+from ._backends import open_backend
+from ._chunking import ChunkParams
+from ._errors import CheckpointNotFoundError, SourceNotFoundError, UsageError
+from ._manifest import Manifest, validate_key
+from ._repository import ManifestRef, Repository
+from ._restore import RestoreOptions, read_payload, restore
+from ._save import SaveOptions, SavePipeline, SaveResult
+from ._scan import scan_file, scan_tree
+from ._statcache import StatCache
+from ._sync import run_sync
+from ._taskgroup import task_group
+from ._types import CheckpointContents, CheckpointInfo, EntryInfo, SourceKind
+
+__all__ = ["CheckpointStore", "default_cache_dir"]
+
+PAYLOAD_NAME = "payload"
+"""The file name under which a bytes checkpoint is restored."""
+
+
+def default_cache_dir() -> Path:
+    """``$CASTORE_CACHE_DIR``, else the user cache dir (``$XDG_CACHE_HOME/castore``)."""
+    env = os.environ.get("CASTORE_CACHE_DIR")
+    return Path(env) if env else Path(platformdirs.user_cache_dir("castore", appauthor=False))
+
+
+class CheckpointStore:
+    """A series of checkpoints (``key``) in one store (``url``).
+
+    ``url``: ``file:///abs/dir``, a plain path, ``memory://[name]``, ``s3://bucket/prefix``,
+    ``gs://…``, ``az://…``. None means ``$CASTORE_URL``, else a local store under the
+    user cache directory. ``attempt`` numbers the retries of the job (None: the
+    ``CASTORE_ATTEMPT`` environment variable, else 0); ``load()`` never restores a
+    checkpoint written by a later attempt.
+
+    Options: ``chunk_min_size``, ``chunk_avg_size``, ``chunk_max_size``,
+    ``compression_level`` (0 = off), ``small_file_limit``, ``bundle_size``,
+    ``max_bytes_in_flight``, ``workers``, ``stat_cache`` (default True),
+    ``cache_dir``; every other option goes to the object store's client (``endpoint``,
+    ``region``, ``allow_http``, ``timeout``, ``retries``…).
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str] | None = None,
+        *,
+        key: str = "default",
+        attempt: int | None = None,
+        **options: Any,
+    ) -> None:
+        if url is None:
+            url = os.environ.get("CASTORE_URL") or (default_cache_dir() / "store").as_uri()
+        self.url = os.fspath(url)
+        self.key = validate_key(key)
+        self.attempt = _resolve_attempt(attempt)
+        own, backend_options = _split_options(options)
+        self._save_options, self._restore_options = own.save, own.restore
+        self._cache_dir = own.cache_dir
+        self._stat_cache = own.stat_cache
+        self.repo = Repository(open_backend(self.url, **backend_options))
+        self._parent: str | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"CheckpointStore({self.repo.backend.url!r}, key={self.key!r}, attempt={self.attempt})"
+        )
+
+    # -- async API -------------------------------------------------------------------------
+
+    async def save(
+        self,
+        data: str | os.PathLike[str] | bytes | bytearray | memoryview,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        pin: bool = False,
+    ) -> CheckpointInfo:
+        """Save a directory, a file, or bytes as this key's next checkpoint.
+
+        Returns once the checkpoint is committed and durable. If the save fails or is
+        cancelled at any point, no checkpoint appears and earlier ones are untouched.
+        """
+        started = time.perf_counter()
+        meta = dict(metadata or {})
+        store_id = await self.repo.store_id()
+        refs = await self.repo.list_manifests(self.key)
+        known = await self._blobs_of_newest(refs)
+        kind: SourceKind
+        cache: StatCache | None = None
+        root = ""
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            kind = "bytes"
+            pipeline = SavePipeline(self.repo, self._save_options, known)
+            result = await pipeline.save_bytes(PAYLOAD_NAME, bytes(data))
+        elif isinstance(data, (str, os.PathLike)):
+            root = await anyio.to_thread.run_sync(os.path.abspath, os.fspath(data))
+            if not await anyio.to_thread.run_sync(os.path.lexists, root):
+                raise SourceNotFoundError(f"nothing to save at {root}")
+            is_dir = await anyio.to_thread.run_sync(os.path.isdir, root)
+            kind = "dir" if is_dir else "file"
+            if self._stat_cache:
+                cache = await anyio.to_thread.run_sync(self._load_stat_cache, store_id)
+                known |= cache.known_blobs()
+            pipeline = SavePipeline(self.repo, self._save_options, known, cache)
+            if is_dir:
+                scanned, skipped = await anyio.to_thread.run_sync(scan_tree, root)
+            else:
+                scanned, skipped = [await anyio.to_thread.run_sync(scan_file, root)], []
+            result = await pipeline.save_entries(scanned)
+            result.skipped = skipped
+        else:
+            raise UsageError(f"save() takes a path or bytes, not {type(data).__name__}")
+
+        await self.repo.backend.flush()
+        seq = refs[-1].seq + 1 if refs else 1
+        manifest = self._manifest(kind, seq, result, meta, pin, time.perf_counter() - started)
+        await self.repo.commit_manifest(manifest)
+        if cache is not None:
+            await anyio.to_thread.run_sync(cache.save, root)
+        self._parent = manifest.id
+        return _info(manifest)
+
+    async def load(self, dest: str | os.PathLike[str] | None = None) -> Path | None:
+        """Restore the newest committed checkpoint of this key from this or any earlier
+        attempt into ``dest`` (a new temporary directory if None) and return the
+        restored path: ``dest`` for a directory, ``dest/<name>`` for a file,
+        ``dest/"payload"`` for bytes. None if there is no checkpoint yet.
+
+        ``dest`` becomes exactly the checkpoint's tree; it is replaced only after every
+        byte was fetched and verified, so a failed load leaves it as it was.
+        """
+        ref = await self._newest()
+        if ref is None:
+            return None
+        manifest = await self.repo.read_manifest(ref)
+        if dest is None:
+            dest = await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="castore-"))
+        target = await restore(self.repo, manifest, Path(dest), self._restore_options)
+        self._parent = manifest.id
+        return target if manifest.kind == "dir" else target / manifest.entries[0].path
+
+    async def prev_exists(self) -> bool:
+        """Whether ``load()`` would restore a checkpoint."""
+        return await self._newest() is not None
+
+    async def read(self) -> bytes | None:
+        """The newest checkpoint's bytes (a bytes or single-file checkpoint), verified;
+        None if there is no checkpoint yet."""
+        ref = await self._newest()
+        if ref is None:
+            return None
+        manifest = await self.repo.read_manifest(ref)
+        if manifest.kind == "dir":
+            raise UsageError(f"checkpoint {manifest.id} is a directory: use load()")
+        data = await read_payload(self.repo, manifest, self._restore_options)
+        self._parent = manifest.id
+        return data
+
+    async def write(
+        self, data: bytes, *, metadata: Mapping[str, Any] | None = None
+    ) -> CheckpointInfo:
+        """Save ``data`` as this key's next checkpoint."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise UsageError(f"write() takes bytes, not {type(data).__name__}")
+        return await self.save(data, metadata=metadata)
+
+    async def list(self) -> list[CheckpointInfo]:
+        """This key's committed checkpoints, oldest first."""
+        refs = await self.repo.list_manifests(self.key)
+        manifests: list[Manifest | None] = [None] * len(refs)
+        limiter = anyio.Semaphore(16)
+
+        async def read(i: int, ref: ManifestRef) -> None:
+            async with limiter:
+                manifests[i] = await self.repo.read_manifest(ref)
+
+        async with task_group() as tg:
+            for i, ref in enumerate(refs):
+                tg.start_soon(read, i, ref)
+        return [_info(m) for m in manifests if m is not None]
+
+    async def inspect(self, id: str | None = None) -> CheckpointContents:
+        """Entries and sizes of a checkpoint (the newest if ``id`` is None), read from
+        its manifest alone: no blob is downloaded."""
+        if id is None:
+            ref = await self._newest()
+            if ref is None:
+                raise CheckpointNotFoundError(f"key {self.key!r} has no checkpoint")
+        else:
+            ref = await self.repo.find_manifest(id)
+        manifest = await self.repo.read_manifest(ref)
+        entries = tuple(
+            EntryInfo(e.path, e.type, e.size, e.mode, e.target) for e in manifest.entries
+        )
+        return CheckpointContents(_info(manifest), entries, len(manifest.blobs))
+
+    async def aclose(self) -> None:
+        await self.repo.backend.aclose()
+
+    async def __aenter__(self) -> CheckpointStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- blocking twins --------------------------------------------------------------------
+
+    def save_sync(
+        self,
+        data: str | os.PathLike[str] | bytes | bytearray | memoryview,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        pin: bool = False,
+    ) -> CheckpointInfo:
+        return run_sync(functools.partial(self.save, data, metadata=metadata, pin=pin))
+
+    def load_sync(self, dest: str | os.PathLike[str] | None = None) -> Path | None:
+        return run_sync(self.load, dest)
+
+    def prev_exists_sync(self) -> bool:
+        return run_sync(self.prev_exists)
+
+    def read_sync(self) -> bytes | None:
+        return run_sync(self.read)
+
+    def write_sync(
+        self, data: bytes, *, metadata: Mapping[str, Any] | None = None
+    ) -> CheckpointInfo:
+        return run_sync(functools.partial(self.write, data, metadata=metadata))
+
+    def list_sync(self) -> builtins.list[CheckpointInfo]:
+        return run_sync(self.list)
+
+    def inspect_sync(self, id: str | None = None) -> CheckpointContents:
+        return run_sync(self.inspect, id)
+
+    def close(self) -> None:
+        run_sync(self.aclose)
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _newest(self) -> ManifestRef | None:
+        refs = [r for r in await self.repo.list_manifests(self.key) if r.attempt <= self.attempt]
+        return refs[-1] if refs else None
+
+    async def _blobs_of_newest(self, refs: builtins.list[ManifestRef]) -> set[str]:
+        # Blobs of the key's newest checkpoint exist: no need to upload them again.
+        if not refs:
+            return set()
+        manifest = await self.repo.read_manifest(refs[-1])
+        return {blob for blob, _ in manifest.blobs}
+
+    def _load_stat_cache(self, store_id: str) -> StatCache:
+        digest = blake3.blake3(self.key.encode()).hexdigest()[:16]
+        path = self._cache_dir / "statcache" / f"{store_id}-{digest}.zst"
+        return StatCache.load(path, generation="")
+
+    def _manifest(
+        self,
+        kind: SourceKind,
+        seq: int,
+        result: SaveResult,
+        metadata: dict[str, Any],
+        pin: bool,
+        seconds: float,
+    ) -> Manifest:
+        return Manifest(
+            id=secrets.token_hex(8),
+            key=self.key,
+            attempt=self.attempt,
+            seq=seq,
+            created_at=time.time(),
+            kind=kind,
+            parent=self._parent,
+            blobs=tuple(result.blobs),
+            entries=tuple(result.entries),
+            metadata=metadata,
+            stats={
+                "files": result.files,
+                "total_bytes": result.total_bytes,
+                "new_bytes": result.new_bytes,
+                "uploaded_bytes": result.uploaded_bytes,
+                "seconds": round(seconds, 6),
+            },
+            pinned=pin,
+        )
+
+
+def _info(m: Manifest) -> CheckpointInfo:
+    return CheckpointInfo(
+        id=m.id,
+        key=m.key,
+        attempt=m.attempt,
+        seq=m.seq,
+        created_at=_dt.datetime.fromtimestamp(m.created_at, tz=_dt.timezone.utc),
+        kind=m.kind,
+        parent=m.parent,
+        metadata=m.metadata,
+        files=int(m.stats.get("files", 0)),
+        total_bytes=int(m.stats.get("total_bytes", 0)),
+        new_bytes=int(m.stats.get("new_bytes", 0)),
+        uploaded_bytes=int(m.stats.get("uploaded_bytes", 0)),
+        seconds=float(m.stats.get("seconds", 0.0)),
+        pinned=m.pinned,
+    )
+
+
+def _resolve_attempt(attempt: int | None) -> int:
+    if attempt is None:
+        raw = os.environ.get("CASTORE_ATTEMPT", "0")
+        try:
+            attempt = int(raw)
+        except ValueError:
+            raise UsageError(f"CASTORE_ATTEMPT must be an integer, got {raw!r}") from None
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
+        raise UsageError(f"attempt must be a non-negative integer, got {attempt!r}")
+    return attempt
+
+
+class _OwnOptions:
+    def __init__(
+        self, save: SaveOptions, restore: RestoreOptions, cache_dir: Path, stat_cache: bool
+    ):
+        self.save = save
+        self.restore = restore
+        self.cache_dir = cache_dir
+        self.stat_cache = stat_cache
+
+
+_INT_OPTIONS = (
+    "chunk_min_size",
+    "chunk_avg_size",
+    "chunk_max_size",
+    "compression_level",
+    "small_file_limit",
+    "bundle_size",
+    "max_bytes_in_flight",
+    "workers",
+)
+
+
+def _split_options(options: dict[str, Any]) -> tuple[_OwnOptions, dict[str, Any]]:
+    """castore's own options, validated; the rest belongs to the backend."""
+    rest = dict(options)
+    ints: dict[str, int] = {}
+    for name in _INT_OPTIONS:
+        if name in rest:
+            value = rest.pop(name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise UsageError(f"option {name} must be an integer, got {value!r}")
+            ints[name] = value
+    stat_cache = rest.pop("stat_cache", True)
+    if not isinstance(stat_cache, bool):
+        raise UsageError(f"option stat_cache must be True or False, got {stat_cache!r}")
+    cache_dir = rest.pop("cache_dir", None)
+    defaults = ChunkParams()
+    try:
+        chunks = ChunkParams(
+            min_size=ints.pop("chunk_min_size", defaults.min_size),
+            avg_size=ints.pop("chunk_avg_size", defaults.avg_size),
+            max_size=ints.pop("chunk_max_size", defaults.max_size),
+        )
+        restore_fields = {k: ints[k] for k in ("max_bytes_in_flight", "workers") if k in ints}
+        save = SaveOptions(chunks=chunks, **ints)
+        restore_options = RestoreOptions(**restore_fields)
+    except ValueError as exc:
+        raise UsageError(f"invalid option: {exc}") from exc
+    own = _OwnOptions(
+        save,
+        restore_options,
+        Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+        stat_cache,
+    )
+    return own, rest
