@@ -17,6 +17,8 @@ from ._errors import (
     StorageUnavailableError,
     UsageError,
 )
+from ._gc import GcPlan, GcReport
+from ._maintenance import Maintenance, StoreStats, VerifyProblem, VerifyReport
 from ._store import CheckpointStore
 from ._types import CheckpointContents, CheckpointInfo, EntryInfo
 
@@ -29,13 +31,19 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointStore",
     "EntryInfo",
+    "GcPlan",
+    "GcReport",
     "IntegrityError",
     "InvalidURLError",
+    "Maintenance",
     "ObjectNotFoundError",
     "SourceNotFoundError",
     "StorageError",
     "StoragePermissionError",
     "StorageUnavailableError",
+    "StoreStats",
     "UsageError",
+    "VerifyProblem",
+    "VerifyReport",
     "__version__",
 ]

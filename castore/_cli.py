@@ -6,15 +6,18 @@ one line; ``--debug`` (or ``CASTORE_DEBUG=1``) shows the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
+from rich.console import Console
 
 import castore
 
@@ -43,6 +46,44 @@ def _fail(ctx: click.Context, exc: BaseException, code: int) -> None:
         traceback.print_exception(exc)
     click.echo(f"castore: error: {exc}", err=True)
     ctx.exit(code)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """Parse 90s, 30m, 12h, 7d, 2w or plain seconds."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    try:
+        if text and text[-1] in _UNITS:
+            return float(text[:-1]) * _UNITS[text[-1]]
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a duration like 90s, 30m, 12h or 7d") from None
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool, label: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A progress bar on a terminal (stderr), nothing otherwise."""
+    if quiet or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def _store(url: str | None, key: str, attempt: int | None = None) -> castore.CheckpointStore:
@@ -119,19 +160,18 @@ def load(dest: Path, url: str | None, key: str, attempt: int | None, as_json: bo
 
 @cli.command(name="ls")
 @click.argument("url", required=False, envvar="CASTORE_URL")
-@click.option("--key", default="default", show_default=True, help="Checkpoint series.")
+@click.option("--key", default=None, help="Only this key, or keys matching this pattern (fnmatch).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def ls_command(url: str | None, key: str, as_json: bool) -> None:
-    """List the checkpoints of a key, oldest first."""
-    infos = _store(url, key).list_sync()
+def ls_command(url: str | None, key: str | None, as_json: bool) -> None:
+    """List checkpoints, by key then oldest first."""
+    infos = castore.Maintenance(url).checkpoints_sync(key or "*")
     lines = [
-        f"{i.id}  #{i.seq:<4} attempt {i.attempt:<3} {i.created_at:%Y-%m-%d %H:%M:%S}  "
-        f"{i.kind:5} {i.files:6} files {i.total_bytes:>14} bytes"
+        f"{i.id}  {i.key:<24} #{i.seq:<4} attempt {i.attempt:<3} "
+        f"{i.created_at:%Y-%m-%d %H:%M:%S}  {i.kind:5} {i.files:6} files "
+        f"{_size(i.total_bytes):>10}" + ("  pinned" if i.pinned else "")
         for i in infos
     ]
-    _emit(
-        as_json, [_info_dict(i) for i in infos], "\n".join(lines) or f"no checkpoints for {key!r}"
-    )
+    _emit(as_json, [_info_dict(i) for i in infos], "\n".join(lines) or "no checkpoints")
 
 
 @cli.command()
@@ -155,6 +195,168 @@ def inspect(url: str | None, checkpoint_id: str | None, key: str, as_json: bool)
         "entries": [dataclasses.asdict(e) for e in contents.entries],
     }
     _emit(as_json, data, "\n".join(lines))
+
+
+@cli.command()
+@click.argument("url", required=False, envvar="CASTORE_URL")
+@click.option(
+    "--keep-last", type=click.IntRange(0), default=None, help="Per key, keep the newest N."
+)
+@click.option(
+    "--keep-within",
+    default=None,
+    callback=_duration,
+    help="Keep checkpoints younger than this (e.g. 7d, 12h).",
+)
+@click.option(
+    "--key",
+    "key_pattern",
+    default="*",
+    show_default=True,
+    help="Apply retention to keys matching this pattern.",
+)
+@click.option(
+    "--grace",
+    default="1h",
+    callback=_duration,
+    show_default=True,
+    help="Never delete blobs younger than this.",
+)
+@click.option("--dry-run", is_flag=True, help="Show the plan and change nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def gc(
+    url: str | None,
+    keep_last: int | None,
+    keep_within: float | None,
+    key_pattern: str,
+    grace: float,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Expire checkpoints by retention and reclaim unreferenced blobs (two-phase, safe
+    with concurrent writers). A plain gc expires nothing and only sweeps orphans."""
+    admin = castore.Maintenance(url)
+    plan = admin.plan_gc_sync(
+        keep_last=keep_last, keep_within=keep_within, key_pattern=key_pattern, grace=grace
+    )
+    summary: dict[str, Any] = {
+        "expire": [r.id for r in plan.expire],
+        "keep": len(plan.keep),
+        "delete_blobs": plan.delete_blobs,
+        "delete_bytes": plan.delete_bytes,
+        "mark_blobs": plan.mark_blobs,
+        "mark_bytes": plan.mark_bytes,
+        "grace_seconds": grace,
+        "dry_run": dry_run,
+    }
+    if not as_json:
+        click.echo(
+            f"plan: expire {len(plan.expire)} checkpoint(s), keep {len(plan.keep)}; delete "
+            f"{plan.delete_blobs} blob(s) ({_size(plan.delete_bytes)}) now; mark "
+            f"{plan.mark_blobs} blob(s) ({_size(plan.mark_bytes)}) for deletion after the grace"
+        )
+        for ref in plan.expire:
+            click.echo(f"  expire {ref.id}  {ref.key} #{ref.seq}")
+        if not plan.safe_with_writers:
+            click.echo(
+                "warning: a grace under 2 minutes is not safe while other jobs are saving", err=True
+            )
+    if dry_run:
+        if as_json:
+            _emit(True, summary, "")
+        return
+    if not yes and sys.stdin.isatty() and (plan.expire or plan.delete_blobs):
+        click.confirm("proceed?", abort=True)
+    with _progress(as_json, "deleting", plan.delete_blobs) as advance:
+        report = admin.execute_sync(plan, advance)
+    summary.update(
+        deleted_blobs=report.deleted_blobs,
+        freed_bytes=report.freed_bytes,
+        marked_blobs=report.marked_blobs,
+        complete=report.complete,
+    )
+    _emit(
+        as_json,
+        summary,
+        f"expired {len(plan.expire)} checkpoint(s); deleted {report.deleted_blobs} blob(s), freed "
+        f"{_size(report.freed_bytes)}; marked {report.marked_blobs} blob(s)"
+        + ("" if report.complete else "; stopped early, run gc again"),
+    )
+
+
+@cli.command()
+@click.argument("url", required=False, envvar="CASTORE_URL")
+@click.option(
+    "--key", "key_pattern", default="*", show_default=True, help="Keys to verify (pattern)."
+)
+@click.option("--full", is_flag=True, help="Re-hash every referenced blob.")
+@click.option(
+    "--sample", type=click.FloatRange(0, 100), default=0.0, help="Re-hash this percentage of blobs."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def verify(url: str | None, key_pattern: str, full: bool, sample: float, as_json: bool) -> None:
+    """Check that manifests parse and their blobs exist (and hash right, with --full or
+    --sample). Exits 1 and names the affected checkpoints if anything is wrong."""
+    admin = castore.Maintenance(url)
+    with _progress(as_json, "re-hashing", None) as advance:
+        report = admin.verify_sync(
+            key_pattern=key_pattern, full=full, sample=sample / 100, progress=advance
+        )
+    data = {
+        "ok": report.ok,
+        "checkpoints": report.checkpoints,
+        "blobs": report.blobs_checked,
+        "rehashed": report.blobs_rehashed,
+        "problems": [dataclasses.asdict(p) for p in report.problems],
+    }
+    lines = [f"{p.checkpoint_id}  {p.key}: {p.message}" for p in report.problems]
+    lines.append(
+        f"{report.checkpoints} checkpoint(s), {report.blobs_checked} blob(s), "
+        f"{report.blobs_rehashed} re-hashed: "
+        + ("ok" if report.ok else f"{len(report.problems)} problem(s)")
+    )
+    _emit(as_json, data, "\n".join(lines))
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("url", required=False, envvar="CASTORE_URL")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(url: str | None, as_json: bool) -> None:
+    """Logical vs stored bytes, dedup ratio, object counts."""
+    st = castore.Maintenance(url).stats_sync()
+    data = {
+        **dataclasses.asdict(st),
+        "dedup_ratio": st.dedup_ratio,
+        "space_saving": st.space_saving,
+    }
+    _emit(
+        as_json,
+        data,
+        f"{st.checkpoints} checkpoint(s) in {st.keys} key(s)\n"
+        f"logical {_size(st.logical_bytes)}, unique {_size(st.unique_bytes)}, stored "
+        f"{_size(st.stored_bytes)} (dedup {st.dedup_ratio:.2f}x, {st.space_saving:.0%} saved)\n"
+        f"{st.blobs} blob(s); {st.unreferenced_blobs} unreferenced "
+        f"({_size(st.unreferenced_bytes)})",
+    )
+
+
+@cli.command()
+@click.argument("url", required=False, envvar="CASTORE_URL")
+@click.argument("checkpoint_id")
+@click.option("--remove", is_flag=True, help="Unpin instead.")
+def pin(url: str | None, checkpoint_id: str, remove: bool) -> None:
+    """Protect a checkpoint from retention (or --remove the pin)."""
+    admin = castore.Maintenance(url)
+    if remove:
+        admin.unpin_sync(checkpoint_id)
+        click.echo(f"unpinned {checkpoint_id}")
+    else:
+        info = admin.pin_sync(checkpoint_id)
+        click.echo(f"pinned {info.id} ({info.key} #{info.seq})")
 
 
 @cli.command()

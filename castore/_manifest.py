@@ -18,6 +18,7 @@ blob, and parts add up to the file's size. A manifest that fails raises Integrit
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import re
 from dataclasses import dataclass, field
@@ -27,13 +28,14 @@ import zstandard
 
 from ._codec import MAX_BLOB_RAW_SIZE
 from ._errors import IntegrityError, UsageError
-from ._types import EntryType, SourceKind
+from ._types import CheckpointInfo, EntryType, SourceKind
 
 __all__ = [
     "MANIFEST_FORMAT_VERSION",
     "Entry",
     "Manifest",
     "Part",
+    "checkpoint_info",
     "decode_manifest",
     "encode_manifest",
     "validate_key",
@@ -254,3 +256,23 @@ def _check_tree(entries: tuple[Entry, ...], kind: SourceKind) -> None:
             raise IntegrityError(f"unsafe manifest: {e.path!r} is not under a directory entry")
     if kind != "dir" and (len(entries) != 1 or entries[0].type != "file" or "/" in entries[0].path):
         raise IntegrityError(f"malformed manifest: a {kind} checkpoint holds exactly one file")
+
+
+def checkpoint_info(m: Manifest) -> CheckpointInfo:
+    """The public view of a manifest."""
+    return CheckpointInfo(
+        id=m.id,
+        key=m.key,
+        attempt=m.attempt,
+        seq=m.seq,
+        created_at=_dt.datetime.fromtimestamp(m.created_at, tz=_dt.timezone.utc),
+        kind=m.kind,
+        parent=m.parent,
+        metadata=m.metadata,
+        files=int(m.stats.get("files", 0)),
+        total_bytes=int(m.stats.get("total_bytes", 0)),
+        new_bytes=int(m.stats.get("new_bytes", 0)),
+        uploaded_bytes=int(m.stats.get("uploaded_bytes", 0)),
+        seconds=float(m.stats.get("seconds", 0.0)),
+        pinned=m.pinned,
+    )

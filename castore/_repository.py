@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import anyio
@@ -25,6 +24,7 @@ from ._backends import Backend
 from ._codec import decode_blob
 from ._errors import CheckpointNotFoundError, IntegrityError, ObjectNotFoundError
 from ._manifest import Manifest, decode_manifest, encode_manifest, validate_key
+from ._taskgroup import task_group
 
 __all__ = ["ManifestRef", "Repository", "blob_key"]
 
@@ -97,6 +97,10 @@ class Repository:
         encoded = await self.get_blob_encoded(blob_id)
         return await anyio.to_thread.run_sync(decode_blob, blob_id, encoded)
 
+    async def existing_blobs(self) -> set[str]:
+        """Ids of every blob in the store (one listing)."""
+        return {info.key.rsplit("/", 1)[-1] async for info in self.backend.list("blobs/")}
+
     # -- manifests -------------------------------------------------------------------------
 
     async def list_manifests(self, key: str | None = None) -> list[ManifestRef]:
@@ -120,6 +124,24 @@ class Repository:
             raise IntegrityError(f"manifest {ref.object_key} does not match its name")
         return manifest
 
+    async def read_manifests(self, refs: list[ManifestRef]) -> list[Manifest]:
+        """Read manifests concurrently, in the order given; ones deleted since they
+        were listed (expired by a gc) are left out."""
+        manifests: list[Manifest | None] = [None] * len(refs)
+        limiter = anyio.Semaphore(32)
+
+        async def read(i: int, ref: ManifestRef) -> None:
+            async with limiter:
+                try:
+                    manifests[i] = await self.read_manifest(ref)
+                except CheckpointNotFoundError:
+                    pass
+
+        async with task_group() as tg:
+            for i, ref in enumerate(refs):
+                tg.start_soon(read, i, ref)
+        return [m for m in manifests if m is not None]
+
     async def find_manifest(self, checkpoint_id: str, key: str | None = None) -> ManifestRef:
         for ref in await self.list_manifests(key):
             if ref.id == checkpoint_id:
@@ -138,17 +160,6 @@ class Repository:
             raise IntegrityError(f"manifest {ref.object_key} already exists")
         await self.backend.flush()
         return ref
-
-    async def next_seq(self, key: str) -> int:
-        refs = await self.list_manifests(key)
-        return refs[-1].seq + 1 if refs else 1
-
-    async def referenced_blobs(self, refs: Iterable[ManifestRef]) -> set[str]:
-        blobs: set[str] = set()
-        for ref in refs:
-            manifest = await self.read_manifest(ref)
-            blobs.update(b for b, _ in manifest.blobs)
-        return blobs
 
 
 def _parse_ref(object_key: str, modified: float) -> ManifestRef | None:

@@ -4,7 +4,9 @@ Maps a file's absolute path and StatKey (size, mtime_ns, ctime_ns, inode) to the
 parts its bytes were stored as, restic- and borg-style. One cache file per (store id,
 checkpoint key) under the user cache directory. It is written only after a manifest
 committed, so every blob it names was durable in the store at that moment; the blob
-ids it holds double as the "known blobs" a save need not upload again. A file whose
+ids it holds double as the "known blobs" a save need not upload again, for as long
+as no gc has swept since (the cache remembers the gc generation it was written in,
+and is checked against the store's blob listing when that changed). A file whose
 mtime is within ``RECENT_NS`` of the scan is not cached: it may still be changing
 within the file system's timestamp granularity.
 """
@@ -39,13 +41,14 @@ class StatCache:
         self._fresh: dict[str, tuple[StatKey, list[FilePart]]] = {}
 
     @classmethod
-    def load(cls, path: Path, generation: str) -> StatCache:
-        """Read the cache; a missing, corrupt or stale-generation file gives an empty one."""
-        cache = cls(path, generation)
+    def load(cls, path: Path) -> StatCache:
+        """Read the cache; a missing or corrupt file gives an empty one."""
+        cache = cls(path)
         try:
             raw = path.read_bytes()
             doc = json.loads(zstandard.ZstdDecompressor().decompress(raw))
-            if doc["version"] == _VERSION and doc["generation"] == generation:
+            if doc["version"] == _VERSION:
+                cache.generation = str(doc["generation"])
                 cache._entries = {
                     p: (tuple(k), [tuple(part) for part in parts])
                     for p, (k, parts) in doc["entries"].items()
@@ -53,6 +56,16 @@ class StatCache:
         except (OSError, ValueError, KeyError, TypeError, zstandard.ZstdError):
             pass
         return cache
+
+    def retain(self, existing: set[str]) -> None:
+        """Keep only entries whose blobs all exist (after a gc may have deleted some)."""
+        self._entries = {
+            p: v for p, v in self._entries.items() if all(part[0] in existing for part in v[1])
+        }
+
+    def forget(self) -> None:
+        """Trust nothing read from disk; what this save records is still kept."""
+        self._entries = {}
 
     def known_blobs(self) -> set[str]:
         return {part[0] for _, parts in self._entries.values() for part in parts}

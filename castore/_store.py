@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import builtins
-import datetime as _dt
+import dataclasses
 import functools
 import os
 import secrets
@@ -20,15 +20,17 @@ import platformdirs
 
 from ._backends import open_backend
 from ._chunking import ChunkParams
+from ._clock import Clock, SystemClock
 from ._errors import CheckpointNotFoundError, SourceNotFoundError, UsageError
-from ._manifest import Manifest, validate_key
+from ._gcguard import GcConflict, guard_commit
+from ._gcstate import GcState
+from ._manifest import Manifest, checkpoint_info, validate_key
 from ._repository import ManifestRef, Repository
 from ._restore import RestoreOptions, read_payload, restore
 from ._save import SaveOptions, SavePipeline, SaveResult
 from ._scan import scan_file, scan_tree
 from ._statcache import StatCache
 from ._sync import run_sync
-from ._taskgroup import task_group
 from ._types import CheckpointContents, CheckpointInfo, EntryInfo, SourceKind
 
 __all__ = ["CheckpointStore", "default_cache_dir"]
@@ -77,6 +79,8 @@ class CheckpointStore:
         self._cache_dir = own.cache_dir
         self._stat_cache = own.stat_cache
         self.repo = Repository(open_backend(self.url, **backend_options))
+        self._gc_state = GcState(self.repo.backend)
+        self._clock: Clock = own.clock
         self._parent: str | None = None
 
     def __repr__(self) -> str:
@@ -100,9 +104,30 @@ class CheckpointStore:
         """
         started = time.perf_counter()
         meta = dict(metadata or {})
+        if not isinstance(data, (bytes, bytearray, memoryview, str, os.PathLike)):
+            raise UsageError(f"save() takes a path or bytes, not {type(data).__name__}")
+        # A concurrent gc can delete a blob this save trusted to exist; the guard then
+        # raises GcConflict and the save runs again, trusting no cache this time.
+        for trust_caches in (True, False, False):
+            try:
+                return await self._save_once(data, meta, pin, started, trust_caches)
+            except GcConflict:
+                continue
+        raise GcConflict("save kept colliding with a concurrent gc; try again later")
+
+    async def _save_once(
+        self,
+        data: str | os.PathLike[str] | bytes | bytearray | memoryview,
+        meta: dict[str, Any],
+        pin: bool,
+        started: float,
+        trust_caches: bool,
+    ) -> CheckpointInfo:
         store_id = await self.repo.store_id()
+        gc_at_start = await self._gc_state.snapshot()
+        started_at = self._clock.now()
         refs = await self.repo.list_manifests(self.key)
-        known = await self._blobs_of_newest(refs)
+        known = await self._blobs_of_newest(refs) if trust_caches else set()
         kind: SourceKind
         cache: StatCache | None = None
         root = ""
@@ -118,6 +143,12 @@ class CheckpointStore:
             kind = "dir" if is_dir else "file"
             if self._stat_cache:
                 cache = await anyio.to_thread.run_sync(self._load_stat_cache, store_id)
+                if not trust_caches:
+                    cache.forget()
+                elif cache.generation != gc_at_start.generation:
+                    # A gc swept since the cache was written: trust only blobs that exist.
+                    cache.retain(await self.repo.existing_blobs())
+                cache.generation = gc_at_start.generation
                 known |= cache.known_blobs()
             pipeline = SavePipeline(self.repo, self._save_options, known, cache)
             if is_dir:
@@ -126,17 +157,29 @@ class CheckpointStore:
                 scanned, skipped = [await anyio.to_thread.run_sync(scan_file, root)], []
             result = await pipeline.save_entries(scanned)
             result.skipped = skipped
-        else:
-            raise UsageError(f"save() takes a path or bytes, not {type(data).__name__}")
 
         await self.repo.backend.flush()
         seq = refs[-1].seq + 1 if refs else 1
         manifest = self._manifest(kind, seq, result, meta, pin, time.perf_counter() - started)
-        await self.repo.commit_manifest(manifest)
+        claim = await guard_commit(
+            self._gc_state,
+            self.repo.backend,
+            manifest.id,
+            (b for b, _ in manifest.blobs),
+            at_start=gc_at_start,
+            started_at=started_at,
+            clock=self._clock,
+        )
+        try:
+            await self.repo.commit_manifest(manifest)
+        finally:
+            if claim is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._gc_state.delete_claim(claim)
         if cache is not None:
             await anyio.to_thread.run_sync(cache.save, root)
         self._parent = manifest.id
-        return _info(manifest)
+        return checkpoint_info(manifest)
 
     async def load(self, dest: str | os.PathLike[str] | None = None) -> Path | None:
         """Restore the newest committed checkpoint of this key from this or any earlier
@@ -185,17 +228,8 @@ class CheckpointStore:
     async def list(self) -> list[CheckpointInfo]:
         """This key's committed checkpoints, oldest first."""
         refs = await self.repo.list_manifests(self.key)
-        manifests: list[Manifest | None] = [None] * len(refs)
-        limiter = anyio.Semaphore(16)
-
-        async def read(i: int, ref: ManifestRef) -> None:
-            async with limiter:
-                manifests[i] = await self.repo.read_manifest(ref)
-
-        async with task_group() as tg:
-            for i, ref in enumerate(refs):
-                tg.start_soon(read, i, ref)
-        return [_info(m) for m in manifests if m is not None]
+        manifests = await self.repo.read_manifests(refs)
+        return [checkpoint_info(m) for m in manifests]
 
     async def inspect(self, id: str | None = None) -> CheckpointContents:
         """Entries and sizes of a checkpoint (the newest if ``id`` is None), read from
@@ -210,7 +244,7 @@ class CheckpointStore:
         entries = tuple(
             EntryInfo(e.path, e.type, e.size, e.mode, e.target) for e in manifest.entries
         )
-        return CheckpointContents(_info(manifest), entries, len(manifest.blobs))
+        return CheckpointContents(checkpoint_info(manifest), entries, len(manifest.blobs))
 
     async def aclose(self) -> None:
         await self.repo.backend.aclose()
@@ -277,7 +311,7 @@ class CheckpointStore:
     def _load_stat_cache(self, store_id: str) -> StatCache:
         digest = blake3.blake3(self.key.encode()).hexdigest()[:16]
         path = self._cache_dir / "statcache" / f"{store_id}-{digest}.zst"
-        return StatCache.load(path, generation="")
+        return StatCache.load(path)
 
     def _manifest(
         self,
@@ -293,7 +327,7 @@ class CheckpointStore:
             key=self.key,
             attempt=self.attempt,
             seq=seq,
-            created_at=time.time(),
+            created_at=self._clock.now(),
             kind=kind,
             parent=self._parent,
             blobs=tuple(result.blobs),
@@ -310,25 +344,6 @@ class CheckpointStore:
         )
 
 
-def _info(m: Manifest) -> CheckpointInfo:
-    return CheckpointInfo(
-        id=m.id,
-        key=m.key,
-        attempt=m.attempt,
-        seq=m.seq,
-        created_at=_dt.datetime.fromtimestamp(m.created_at, tz=_dt.timezone.utc),
-        kind=m.kind,
-        parent=m.parent,
-        metadata=m.metadata,
-        files=int(m.stats.get("files", 0)),
-        total_bytes=int(m.stats.get("total_bytes", 0)),
-        new_bytes=int(m.stats.get("new_bytes", 0)),
-        uploaded_bytes=int(m.stats.get("uploaded_bytes", 0)),
-        seconds=float(m.stats.get("seconds", 0.0)),
-        pinned=m.pinned,
-    )
-
-
 def _resolve_attempt(attempt: int | None) -> int:
     if attempt is None:
         raw = os.environ.get("CASTORE_ATTEMPT", "0")
@@ -341,14 +356,13 @@ def _resolve_attempt(attempt: int | None) -> int:
     return attempt
 
 
+@dataclasses.dataclass(frozen=True)
 class _OwnOptions:
-    def __init__(
-        self, save: SaveOptions, restore: RestoreOptions, cache_dir: Path, stat_cache: bool
-    ):
-        self.save = save
-        self.restore = restore
-        self.cache_dir = cache_dir
-        self.stat_cache = stat_cache
+    save: SaveOptions
+    restore: RestoreOptions
+    cache_dir: Path
+    stat_cache: bool
+    clock: Clock
 
 
 _INT_OPTIONS = (
@@ -377,6 +391,7 @@ def _split_options(options: dict[str, Any]) -> tuple[_OwnOptions, dict[str, Any]
     if not isinstance(stat_cache, bool):
         raise UsageError(f"option stat_cache must be True or False, got {stat_cache!r}")
     cache_dir = rest.pop("cache_dir", None)
+    clock = rest.pop("clock", None) or SystemClock()
     defaults = ChunkParams()
     try:
         chunks = ChunkParams(
@@ -394,5 +409,6 @@ def _split_options(options: dict[str, Any]) -> tuple[_OwnOptions, dict[str, Any]
         restore_options,
         Path(cache_dir) if cache_dir is not None else default_cache_dir(),
         stat_cache,
+        clock,
     )
     return own, rest

@@ -33,10 +33,10 @@ __all__ = ["S3Server", "find_weed"]
 
 HOST = "127.0.0.1"
 GRPC_OFFSET = 10_000
-# HTTP ports come from here; their gRPC twins land in 30000..44999, below the usual
-# ephemeral range (32768+ on Linux is ephemeral, so collisions are still possible but
-# rare; a bind check right before start and a retry on failure cover the rest).
-_PORT_RANGE = (20_000, 35_000)
+# HTTP ports come from here and their gRPC twins land in 20000..32767: all below
+# Linux's ephemeral range (32768+), so outgoing connections never occupy them. Other
+# test runs still might: a bind check before start and a retry on failure cover that.
+_PORT_RANGE = (10_000, 22_768)
 # Components with a gRPC twin at port + GRPC_OFFSET.
 _GRPC_COMPONENTS = ("s3", "master", "volume", "filer", "admin")
 
@@ -270,7 +270,11 @@ class S3Server:
         return True
 
     def _fail(self, reason: str, error: type[RuntimeError] = RuntimeError) -> NoReturn:
-        self.stop()
+        if error is _ExitedEarly:
+            # Its sockets, if any, belong to whoever holds the port: leave them.
+            self._kill(grace=0)
+        else:
+            self.stop()
         tail = self.log_tail()
         raise error(f"{reason}; log {self.log_path} ends with:\n{tail}")
 
@@ -281,11 +285,15 @@ class S3Server:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
-    def stop(self, grace: float = 1.0) -> None:
+    def stop(self, grace: float = 0.5) -> None:
         """Stop the whole process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        if self._kill(grace):
+            self._remove_grpc_sockets()
+
+    def _kill(self, grace: float) -> bool:
         process, self.process = self.process, None
         if process is None:
-            return
+            return False
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
@@ -297,7 +305,7 @@ class S3Server:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        self._remove_grpc_sockets()
+        return True
 
     def _remove_grpc_sockets(self) -> None:
         # weed creates /tmp/seaweedfs-<component>-grpc-<port>.sock at a fixed place

@@ -71,3 +71,76 @@ def test_debug_flag_shows_the_traceback() -> None:
     result = _run("--debug", "save", "/definitely/not/here", "--store", "memory://")
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "SourceNotFoundError" in result.stderr
+
+
+def test_gc_keep_last_two_with_no_grace(tmp_path: Path) -> None:
+    """The issue's acceptance run: 5 saves, `gc --keep-last 2 --grace 0s`."""
+    url = (tmp_path / "store").as_uri()
+    env = {"CASTORE_CACHE_DIR": str(tmp_path / "cache")}
+    src = tmp_path / "src"
+    src.mkdir()
+    states = []
+    for step in range(5):
+        (src / "weights.bin").write_bytes(os.urandom(2 << 20))
+        (src / "step.txt").write_text(str(step))
+        assert _run("save", str(src), "--store", url, "--key", "run", env=env).returncode == 0
+        states.append((src / "weights.bin").read_bytes())
+    stats_before = json.loads(_run("stats", url, "--json", env=env).stdout)
+
+    plan = json.loads(
+        _run("gc", url, "--keep-last", "2", "--grace", "0s", "--dry-run", "--json", env=env).stdout
+    )
+    assert len(plan["expire"]) == 3 and plan["delete_blobs"] > 0
+    # A dry run changes nothing.
+    assert json.loads(_run("stats", url, "--json", env=env).stdout) == stats_before
+
+    done = _run("gc", url, "--keep-last", "2", "--grace", "0s", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["freed_bytes"] == plan["delete_bytes"]
+    assert report["deleted_blobs"] == plan["delete_blobs"]
+
+    listed = json.loads(_run("ls", url, "--json", env=env).stdout)
+    assert [c["seq"] for c in listed] == [4, 5]
+    stats_after = json.loads(_run("stats", url, "--json", env=env).stdout)
+    assert stats_before["stored_bytes"] - stats_after["stored_bytes"] == report["freed_bytes"]
+    assert stats_after["unreferenced_blobs"] == 0
+
+    assert (
+        _run("load", str(tmp_path / "out"), "--store", url, "--key", "run", env=env).returncode == 0
+    )
+    assert (tmp_path / "out" / "weights.bin").read_bytes() == states[-1]
+    verified = _run("verify", url, "--full", "--json", env=env)
+    assert verified.returncode == 0 and json.loads(verified.stdout)["ok"]
+
+
+def test_verify_names_damaged_checkpoints_and_exits_1(tmp_path: Path) -> None:
+    url = (tmp_path / "store").as_uri()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(1 << 20))
+    saved = json.loads(_run("save", str(src), "--store", url, "--key", "k", "--json").stdout)
+    blob = next(p for p in (tmp_path / "store" / "blobs").rglob("*") if p.is_file())
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 1
+    blob.write_bytes(bytes(data))
+    assert _run("verify", url).returncode == 0  # existence only: the blob is there
+    full = _run("verify", url, "--full")
+    assert full.returncode == 1 and saved["id"] in full.stdout
+    blob.unlink()
+    missing = _run("verify", url)
+    assert missing.returncode == 1 and "missing" in missing.stdout
+
+
+def test_pinned_checkpoints_survive_retention(tmp_path: Path) -> None:
+    url = (tmp_path / "store").as_uri()
+    ids = []
+    for step in range(3):
+        src = tmp_path / f"s{step}"
+        src.mkdir()
+        (src / "f").write_text(str(step))
+        ids.append(json.loads(_run("save", str(src), "--store", url, "--json").stdout)["id"])
+    assert _run("pin", url, ids[0]).returncode == 0
+    assert _run("gc", url, "--keep-last", "1", "--grace", "0s", "--yes").returncode == 0
+    assert [c["id"] for c in json.loads(_run("ls", url, "--json").stdout)] == [ids[0], ids[2]]
+    assert _run("pin", url, "ffffffffffffffff").returncode == 1

@@ -1,0 +1,928 @@
+"""Benchmark castore against restic, borg, tar pipelines and a bare pipeline.
+
+    python bench/run.py                 # full run: writes bench/RESULTS.md (+ .json)
+    python bench/run.py --quick         # CI smoke run: bench/out/quick.md (+ .json)
+
+Every system runs as a whole process, timed by wall clock, its own peak RSS and CPU
+time taken from ``os.wait4``. Per repetition each system gets a fresh repository and
+fresh client state, and all systems save the same source directory phase by phase:
+
+- cold: the first save of step 0 into the empty repository;
+- in place: step 1 rewritten in place (only changed files rewritten);
+- unchanged: the same directory saved again;
+- new directory: step 2 written as a fresh directory (new inodes, mostly old bytes);
+- restore: the newest checkpoint into an empty directory, verified bit-exact.
+
+Reported: the median of the repetitions for each (variant, system, phase).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blake3 import blake3
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+from workload import VARIANTS, make_step  # noqa: E402
+
+PHASES = ("cold", "in place", "unchanged", "new directory", "restore")
+SAVE_PHASES = PHASES[:4]
+ARCHIVE_NAMES = {
+    "cold": "cold",
+    "in place": "inplace",
+    "unchanged": "unchanged",
+    "new directory": "newdir",
+}
+NEWEST = ARCHIVE_NAMES["new directory"]
+MiB = 1024 * 1024
+KEY = "bench"
+PASSWORD = "bench"
+QUICK_SCALE = 32
+FULL_VARIANTS = VARIANTS
+QUICK_VARIANTS = ("lora",)
+CASTORE_REF = "castore (CLI)"
+PEERS_FOR_RATIOS = ("borg", "restic", "tar | zstd", "bare")
+NA = "n/a"
+
+
+class BenchError(RuntimeError):
+    """A child failed or a restore was not bit-exact: the run is void."""
+
+
+# ---------------------------------------------------------------------------
+# Running one timed child process
+
+
+@dataclass(frozen=True)
+class Command:
+    argv: list[str]
+    cwd: Path | None = None
+
+    def display(self) -> str:
+        return shlex.join(self.argv) + (f"  (in {self.cwd})" if self.cwd else "")
+
+
+@dataclass(frozen=True)
+class Measured:
+    wall_s: float
+    user_s: float
+    sys_s: float
+    maxrss_kib: int
+    stdout: str
+
+
+def shell(script: str, cwd: Path | None = None) -> Command:
+    return Command(["bash", "-o", "pipefail", "-c", script], cwd)
+
+
+# Linux records the pre-exec image's peak RSS in the exec'd process's ru_maxrss, so a
+# child forked from this (large, long-lived) runner would report at least the runner's
+# peak. A tiny launcher, started fresh, spawns the command and reports its os.wait4
+# rusage and wall time instead: the floor is then the launcher's own ~8 MiB image.
+_LAUNCHER = """
+import json, os, sys, time
+out, argv = sys.argv[1], sys.argv[2:]
+start = time.perf_counter()
+pid = os.posix_spawnp(argv[0], argv, os.environ)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - start
+with open(out, "w") as f:
+    json.dump({"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime, "maxrss": ru.ru_maxrss}, f)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def run_timed(cmd: Command, env: dict[str, str], log_stem: Path) -> Measured:
+    """Run ``cmd`` to completion: wall clock, CPU and peak RSS of that process alone.
+
+    For a shell pipeline the rusage covers the shell and every process it waited for:
+    CPU times are summed, peak RSS is the largest single process.
+    """
+    out_path = log_stem.with_suffix(".out")
+    err_path = log_stem.with_suffix(".err")
+    usage_path = log_stem.with_suffix(".rusage.json")
+    argv = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(usage_path), *cmd.argv]
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.run(
+            argv, cwd=cmd.cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err
+        )
+    if proc.returncode != 0:
+        tail = err_path.read_text(errors="replace")[-2000:]
+        raise BenchError(f"{cmd.display()} exited {proc.returncode}:\n{tail}")
+    usage = json.loads(usage_path.read_text())
+    return Measured(
+        wall_s=usage["wall"],
+        user_s=usage["user"],
+        sys_s=usage["sys"],
+        maxrss_kib=usage["maxrss"],
+        stdout=out_path.read_text(errors="replace"),
+    )
+
+
+def run_untimed(argv: Sequence[str], env: dict[str, str], cwd: Path | None = None) -> str:
+    proc = subprocess.run(
+        list(argv), cwd=cwd, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
+    if proc.returncode != 0:
+        raise BenchError(f"{shlex.join(argv)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+# ---------------------------------------------------------------------------
+# Systems
+
+
+@dataclass
+class System:
+    """One system under test. ``state`` is its private client state (caches, config)."""
+
+    label: str
+    tools: tuple[str, ...] = ()
+    reports_inproc: bool = False
+
+    def missing(self) -> list[str]:
+        return [t for t in self.tools if shutil.which(t) is None]
+
+    def env(self, state: Path) -> dict[str, str]:
+        return {}
+
+    def init(self, repo: Path, env: dict[str, str]) -> None:
+        repo.mkdir(parents=True)
+
+    def save(self, src: Path, repo: Path, name: str) -> Command:
+        raise NotImplementedError
+
+    def restore(self, repo: Path, dest: Path, name: str) -> Command:
+        raise NotImplementedError
+
+    def inproc_seconds(self, stdout: str) -> float | None:
+        return None
+
+
+def _castore_env(state: Path) -> dict[str, str]:
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": pythonpath, "CASTORE_CACHE_DIR": str(state / "castore-cache")}
+
+
+def _castore_cli() -> list[str]:
+    script = Path(sys.executable).with_name("castore")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "castore"]
+
+
+@dataclass
+class CastoreCli(System):
+    def env(self, state: Path) -> dict[str, str]:
+        return _castore_env(state)
+
+    def save(self, src: Path, repo: Path, name: str) -> Command:
+        return Command([*_castore_cli(), "save", str(src), "--store", repo.as_uri(), "--key", KEY])
+
+    def restore(self, repo: Path, dest: Path, name: str) -> Command:
+        return Command([*_castore_cli(), "load", str(dest), "--store", repo.as_uri(), "--key", KEY])
+
+
+@dataclass
+class CastoreApi(System):
+    reports_inproc: bool = True
+
+    def env(self, state: Path) -> dict[str, str]:
+        return _castore_env(state)
+
+    def _api(self, op: str, path: Path, repo: Path) -> Command:
+        script = str(BENCH / "castore_api.py")
+        return Command([sys.executable, script, op, str(path), "--store", repo.as_uri()])
+
+    def save(self, src: Path, repo: Path, name: str) -> Command:
+        return self._api("save", src, repo)
+
+    def restore(self, repo: Path, dest: Path, name: str) -> Command:
+        return self._api("load", dest, repo)
+
+    def inproc_seconds(self, stdout: str) -> float | None:
+        return float(json.loads(stdout.strip().splitlines()[-1])["seconds"])
+
+
+@dataclass
+class Restic(System):
+    tools: tuple[str, ...] = ("restic",)
+
+    def env(self, state: Path) -> dict[str, str]:
+        return {"RESTIC_PASSWORD": PASSWORD, "RESTIC_CACHE_DIR": str(state / "restic-cache")}
+
+    def init(self, repo: Path, env: dict[str, str]) -> None:
+        run_untimed(["restic", "-r", str(repo), "init", "--repository-version", "2"], env)
+
+    def save(self, src: Path, repo: Path, name: str) -> Command:
+        argv = ["restic", "-r", str(repo), "--compression", "auto", "-q", "backup", "."]
+        return Command(argv, cwd=src)
+
+    def restore(self, repo: Path, dest: Path, name: str) -> Command:
+        return Command(
+            ["restic", "-r", str(repo), "-q", "restore", "latest", "--target", str(dest)]
+        )
+
+
+@dataclass
+class Borg(System):
+    tools: tuple[str, ...] = ("borg",)
+
+    def env(self, state: Path) -> dict[str, str]:
+        return {
+            "BORG_BASE_DIR": str(state / "borg"),
+            "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
+            "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
+            "BORG_PASSPHRASE": "",
+        }
+
+    def init(self, repo: Path, env: dict[str, str]) -> None:
+        run_untimed(["borg", "init", "-e", "none", str(repo)], env)
+
+    def save(self, src: Path, repo: Path, name: str) -> Command:
+        return Command(["borg", "create", "--compression", "zstd,3", f"{repo}::{name}", "."], src)
+
+    def restore(self, repo: Path, dest: Path, name: str) -> Command:
+        return Command(["borg", "extract", f"{repo}::{name}"], cwd=dest)
+
+
+@dataclass
+class TarPipe(System):
+    """A full archive per save (``incremental'' phases re-archive everything)."""
+
+    compress: str = "zstd -T0 -3 -q"
+    decompress: str = "zstd -dc -q"
+    suffix: str = ".tar.zst"
+
+    def save(self, src: Path, repo: Path, name: str) -> Command:
+        out = shlex.quote(str(repo / (name + self.suffix)))
+        return shell(f"tar -C {shlex.quote(str(src))} -cf - . | {self.compress} > {out}")
+
+    def restore(self, repo: Path, dest: Path, name: str) -> Command:
+        archive = shlex.quote(str(repo / (name + self.suffix)))
+        return shell(f"{self.decompress} {archive} | tar -xf - -C {shlex.quote(str(dest))}")
+
+
+@dataclass
+class Bare(System):
+    def save(self, src: Path, repo: Path, name: str) -> Command:
+        return Command([sys.executable, str(BENCH / "bare.py"), "save", str(src), str(repo)])
+
+    def restore(self, repo: Path, dest: Path, name: str) -> Command:
+        return Command([sys.executable, str(BENCH / "bare.py"), "restore", str(repo), str(dest)])
+
+
+def all_systems() -> list[System]:
+    return [
+        CastoreCli(CASTORE_REF),
+        CastoreApi("castore (API)"),
+        Restic("restic"),
+        Borg("borg"),
+        TarPipe("tar | zstd", ("tar", "zstd")),
+        TarPipe("tar | gzip", ("tar", "gzip"), compress="gzip -c", decompress="gzip -dc"),
+        Bare("bare"),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Trees and repositories
+
+
+TreeDigest = dict[str, tuple[str, int, str]]
+
+
+def tree_digest(root: Path) -> TreeDigest:
+    """relpath → (kind, permission bits, blake3 of content or link target)."""
+    out: TreeDigest = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        for name in [*dirnames, *filenames]:
+            path = base / name
+            rel = path.relative_to(root).as_posix()
+            st = path.lstat()
+            mode = st.st_mode & 0o7777
+            if path.is_symlink():
+                out[rel] = ("symlink", 0, os.readlink(path))
+            elif path.is_dir():
+                out[rel] = ("dir", mode, "")
+            else:
+                out[rel] = ("file", mode, _file_hash(path))
+    return out
+
+
+def _file_hash(path: Path) -> str:
+    h = blake3()
+    with open(path, "rb") as f:
+        while block := f.read(8 * MiB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_restore(restored: Path, expected: TreeDigest, what: str) -> None:
+    got = tree_digest(restored)
+    if got == expected:
+        return
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    differ = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+    raise BenchError(
+        f"{what}: restore is not bit-exact: {len(missing)} missing {missing[:5]}, "
+        f"{len(extra)} extra {extra[:5]}, {len(differ)} differ "
+        f"{[(k, expected[k], got[k]) for k in differ[:3]]}"
+    )
+
+
+@dataclass(frozen=True)
+class Stored:
+    bytes: int
+    allocated: int
+    files: int
+
+
+def stored(repo: Path) -> Stored:
+    apparent = allocated = files = 0
+    for dirpath, _, filenames in os.walk(repo):
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            apparent += st.st_size
+            allocated += st.st_blocks * 512
+            files += 1
+    return Stored(apparent, allocated, files)
+
+
+# ---------------------------------------------------------------------------
+# One repetition
+
+
+@dataclass
+class Sample:
+    variant: str
+    system: str
+    rep: int
+    phase: str
+    wall_s: float
+    user_s: float
+    sys_s: float
+    maxrss_kib: int
+    inproc_s: float | None = None
+    stored_bytes: int | None = None
+    stored_allocated: int | None = None
+    stored_files: int | None = None
+
+
+@dataclass
+class Workspace:
+    """Repositories, client state and logs of every system in one repetition."""
+
+    root: Path
+    systems: list[System]
+    base_env: dict[str, str]
+    envs: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def repo(self, s: System) -> Path:
+        return self.root / "repos" / _slug(s.label)
+
+    def log(self, s: System, phase: str) -> Path:
+        path = self.root / "logs" / f"{_slug(s.label)}-{_slug(phase)}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def prepare(self) -> None:
+        for s in self.systems:
+            state = self.root / "state" / _slug(s.label)
+            state.mkdir(parents=True)
+            env = {**self.base_env, "XDG_CACHE_HOME": str(state / "cache")}
+            env["XDG_CONFIG_HOME"] = str(state / "config")
+            self.envs[s.label] = {**env, **s.env(state)}
+            s.init(self.repo(s), self.envs[s.label])
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+@dataclass
+class RepContext:
+    variant: str
+    scale: int
+    rep: int
+    settle_s: float
+    ws: Workspace
+    verbose: bool
+    samples: list[Sample] = field(default_factory=list)
+    last_write: float = 0.0
+
+    def wrote(self) -> None:
+        self.last_write = time.monotonic()
+
+    def settle(self) -> None:
+        """Let the newest write age past the stat caches' "recently modified" window, so
+        files that do not change again are cacheable, as in a job that saves minutes
+        after it wrote. Not timed."""
+        delay = self.last_write + self.settle_s - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+    def order(self) -> list[System]:
+        n = self.rep % len(self.ws.systems)
+        return self.ws.systems[n:] + self.ws.systems[:n]
+
+    def measure(self, s: System, phase: str, cmd: Command) -> Sample:
+        m = run_timed(cmd, self.ws.envs[s.label], self.ws.log(s, phase))
+        sample = Sample(
+            self.variant,
+            s.label,
+            self.rep,
+            phase,
+            m.wall_s,
+            m.user_s,
+            m.sys_s,
+            m.maxrss_kib,
+            inproc_s=s.inproc_seconds(m.stdout) if s.reports_inproc else None,
+        )
+        self.samples.append(sample)
+        if self.verbose:
+            inproc = f" (in-process {sample.inproc_s:.2f} s)" if sample.inproc_s else ""
+            print(f"    {phase:13} {s.label:15} {m.wall_s:7.2f} s{inproc}", flush=True)
+        return sample
+
+    def save_all(self, phase: str, src: Path) -> None:
+        for s in self.order():
+            repo = self.ws.repo(s)
+            sample = self.measure(s, phase, s.save(src, repo, ARCHIVE_NAMES[phase]))
+            st = stored(repo)
+            sample.stored_bytes, sample.stored_allocated = st.bytes, st.allocated
+            sample.stored_files = st.files
+
+    def restore_all(self, expected: TreeDigest) -> None:
+        for s in self.order():
+            dest = self.ws.root / "restore" / _slug(s.label)
+            dest.mkdir(parents=True)
+            self.measure(s, "restore", s.restore(self.ws.repo(s), dest, NEWEST))
+            verify_restore(dest, expected, f"{self.variant}/{s.label}/rep {self.rep}")
+            shutil.rmtree(dest)
+
+
+@dataclass
+class WorkloadInfo:
+    files: int = 0
+    bytes: int = 0
+    step1_files_written: int = 0
+    step1_bytes_written: int = 0
+
+
+def run_rep(ctx: RepContext, info: WorkloadInfo) -> None:
+    root = ctx.ws.root
+    src = root / "src"
+    ctx.ws.prepare()
+    step0 = make_step(src, ctx.variant, 0, ctx.scale, in_place=True)
+    ctx.wrote()
+    info.files, info.bytes = step0.files_written, step0.bytes_written
+    ctx.settle()
+    ctx.save_all("cold", src)
+
+    step1 = make_step(src, ctx.variant, 1, ctx.scale, in_place=True)
+    ctx.wrote()
+    info.step1_files_written, info.step1_bytes_written = step1.files_written, step1.bytes_written
+    ctx.settle()
+    ctx.save_all("in place", src)
+    ctx.save_all("unchanged", src)
+
+    step2 = make_step(root / "fresh", ctx.variant, 2, ctx.scale, in_place=False)
+    ctx.save_all("new directory", step2.path)
+
+    ctx.restore_all(tree_digest(step2.path))
+
+
+# ---------------------------------------------------------------------------
+# Summaries
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarize(samples: list[Sample]) -> dict[str, dict[str, dict[str, dict[str, float | None]]]]:
+    """variant → system → phase → median of each measured field."""
+    fields = ("wall_s", "inproc_s", "user_s", "sys_s", "maxrss_kib", "stored_bytes")
+    groups: dict[tuple[str, str, str], list[Sample]] = {}
+    for s in samples:
+        groups.setdefault((s.variant, s.system, s.phase), []).append(s)
+    out: dict[str, dict[str, dict[str, dict[str, float | None]]]] = {}
+    for (variant, system, phase), group in groups.items():
+        medians = {f: median(getattr(g, f) for g in group) for f in fields}
+        medians["stored_files"] = median(g.stored_files for g in group)
+        medians["cpu_s"] = median(g.user_s + g.sys_s for g in group)
+        medians["reps"] = len(group)
+        out.setdefault(variant, {}).setdefault(system, {})[phase] = medians
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Environment description
+
+
+def _first_line(argv: Sequence[str], env: dict[str, str] | None = None) -> str:
+    try:
+        out = subprocess.run(list(argv), capture_output=True, text=True, check=False, env=env)
+    except OSError:
+        return "not installed"
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _mem_total() -> str:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    return "unknown"
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def castore_source_digest() -> str:
+    """blake3 over castore's sources: which library code a run measured."""
+    h = blake3()
+    for path in sorted((ROOT / "castore").rglob("*.py")):
+        h.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def castore_version() -> str:
+    env = {**os.environ, **_castore_env(Path(tempfile.gettempdir()))}
+    code = "import castore; print(castore.__version__)"
+    return _first_line([sys.executable, "-c", code], env)
+
+
+def machine(workdir: Path) -> dict[str, str]:
+    fs = _first_line(["stat", "-f", "-c", "%T", str(workdir)])
+    return {
+        "cpus (nproc)": str(os.cpu_count()),
+        "cpu model": _cpu_model(),
+        "memory": _mem_total(),
+        "kernel": platform.release(),
+        "work dir file system": fs,
+        "python": platform.python_version(),
+        "castore": f"{castore_version()} (sources {castore_source_digest()})",
+        "pyfastcdc / blake3 / zstandard": " / ".join(
+            _package_version(p) for p in ("pyfastcdc", "blake3", "zstandard")
+        ),
+        "restic": _first_line(["restic", "version"]),
+        "borg": _first_line(["borg", "--version"]),
+        "zstd": _first_line(["zstd", "--version"]),
+        "gzip": _first_line(["gzip", "--version"]),
+        "tar": _first_line(["tar", "--version"]),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Markdown
+
+
+def _fmt_s(x: float | None) -> str:
+    if x is None:
+        return NA
+    return f"{x:.3f}" if x < 0.1 else f"{x:.2f}"
+
+
+def _fmt_mib(x: float | None) -> str:
+    return NA if x is None else f"{x / MiB:.1f}"
+
+
+def _fmt_ratio(a: float | None, b: float | None) -> str:
+    if a is None or not b:
+        return NA
+    return f"{a / b:.2f}x"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    lines = [line(header), "|" + "---|" * len(header)]
+    lines += [line(row) for row in rows]
+    return [*lines, ""]
+
+
+def _cell(
+    summary: dict[str, dict[str, dict[str, float | None]]], system: str, phase: str
+) -> dict[str, float | None]:
+    return summary.get(system, {}).get(phase, {})
+
+
+def variant_section(
+    variant: str,
+    summary: dict[str, dict[str, dict[str, float | None]]],
+    systems: list[System],
+    unavailable: dict[str, str],
+    info: WorkloadInfo,
+) -> list[str]:
+    labels = [s.label for s in systems]
+    lines = [
+        f"## {variant}",
+        "",
+        f"Workload: {info.files} files, {info.bytes / MiB:.1f} MiB; step 1 in place rewrites "
+        f"{info.step1_files_written} files, {info.step1_bytes_written / MiB:.1f} MiB.",
+        "",
+        "Seconds, whole process, median (castore (API) in-process: the `save_sync` / "
+        "`load_sync` call alone):",
+        "",
+    ]
+
+    def seconds_row(label: str, key: str, name: str) -> list[str]:
+        if label in unavailable:
+            return [name, *([unavailable[label]] * len(PHASES))]
+        return [name, *(_fmt_s(_cell(summary, label, p).get(key)) for p in PHASES)]
+
+    rows = [seconds_row(label, "wall_s", label) for label in labels]
+    api = next((s.label for s in systems if s.reports_inproc), None)
+    if api is not None:
+        rows.insert(labels.index(api) + 1, seconds_row(api, "inproc_s", f"{api} in-process"))
+    lines += _table(["system", *PHASES], rows)
+
+    lines += ["CPU seconds (user + system, all threads and child processes), median:", ""]
+    lines += _table(
+        ["system", *PHASES],
+        (
+            [label, *(_fmt_s(_cell(summary, label, p).get("cpu_s")) for p in PHASES)]
+            for label in labels
+            if label not in unavailable
+        ),
+    )
+
+    lines += ["Stored MiB after each save (apparent size of the repository), and objects:", ""]
+    stored_rows = []
+    for label in labels:
+        if label in unavailable:
+            continue
+        cells = [_fmt_mib(_cell(summary, label, p).get("stored_bytes")) for p in SAVE_PHASES]
+        files = _cell(summary, label, SAVE_PHASES[-1]).get("stored_files")
+        stored_rows.append([label, *cells, NA if files is None else f"{files:.0f}"])
+    lines += _table(["system", *SAVE_PHASES, "files in repo"], stored_rows)
+
+    lines += [
+        f"Ratios {CASTORE_REF} ÷ peer (time: below 1 means castore is faster; stored: "
+        "below 1 means castore stores less):",
+        "",
+    ]
+    ratio_rows = []
+    for peer in PEERS_FOR_RATIOS:
+        if peer not in labels or peer in unavailable:
+            continue
+        cells = [
+            _fmt_ratio(
+                _cell(summary, CASTORE_REF, p).get("wall_s"), _cell(summary, peer, p).get("wall_s")
+            )
+            for p in PHASES
+        ]
+        last = SAVE_PHASES[-1]
+        cells.append(
+            _fmt_ratio(
+                _cell(summary, CASTORE_REF, last).get("stored_bytes"),
+                _cell(summary, peer, last).get("stored_bytes"),
+            )
+        )
+        ratio_rows.append([f"vs {peer}", *cells])
+    lines += _table(["castore ÷", *PHASES, "stored"], ratio_rows)
+
+    lines += ["Peak RSS (MiB), median:", ""]
+    lines += _table(
+        ["system", *PHASES],
+        (
+            [label, *(_fmt_rss(_cell(summary, label, p).get("maxrss_kib")) for p in PHASES)]
+            for label in labels
+            if label not in unavailable
+        ),
+    )
+    return lines
+
+
+def _fmt_rss(kib: float | None) -> str:
+    return NA if kib is None else f"{kib / 1024:.0f}"
+
+
+def render(report: dict[str, Any], systems: list[System], unavailable: dict[str, str]) -> str:
+    meta = report["meta"]
+    lines = [
+        "# castore benchmark results",
+        "",
+        f"Generated {meta['date']} by `{meta['command']}` in {meta['duration_s']:.0f} s "
+        f"({meta['mode']} mode: scale {meta['scale_mib']} MiB, {meta['reps']} repetition(s), "
+        f"settle {meta['settle_s']} s). Raw measurements: `{meta['json']}`.",
+        "",
+        "Each phase is a whole process timed by wall clock; numbers are medians over the "
+        "repetitions, each with fresh repositories and client caches. Reads come from the "
+        "page cache (the workload is written just before it is saved; dropping caches is "
+        "not possible here), writes are not forced to disk except where a system fsyncs "
+        "on its own (castore, restic and borg do; tar and bare do not). This is a noisy "
+        "2-core machine: compare ratios within this run, not across runs.",
+        "",
+        "## Machine",
+        "",
+    ]
+    lines += _table(["", ""], ([k, v] for k, v in meta["machine"].items()))
+    if meta.get("castore_changed_during_run"):
+        lines += ["**Warning: castore's sources changed during this run.**", ""]
+    for variant in meta["variants"]:
+        info = WorkloadInfo(**report["workloads"][variant])
+        lines += variant_section(
+            variant, report["summary"].get(variant, {}), systems, unavailable, info
+        )
+    lines += _notes()
+    return "\n".join(lines)
+
+
+def _notes() -> list[str]:
+    return [
+        "## What the systems run",
+        "",
+        "- castore (CLI): `castore save DIR --store file://REPO --key bench`, "
+        "`castore load DEST ...`.",
+        "- castore (API): `bench/castore_api.py`, which imports castore and times "
+        "`save_sync` / `load_sync` inside the process.",
+        "- restic: `restic init --repository-version 2` (not timed), "
+        "`restic --compression auto backup .` in DIR, `restic restore latest --target DEST`.",
+        "- borg: `borg init -e none` (not timed), `borg create --compression zstd,3 "
+        "REPO::NAME .` in DIR, `borg extract REPO::NAME` in DEST.",
+        "- tar | zstd: `tar -cf - . | zstd -T0 -3`, one archive per save; restore extracts "
+        "the newest. tar | gzip: the same with `gzip` (level 6).",
+        "- bare: `bench/bare.py`, pyfastcdc → blake3 → zstd 3 → one file per new blob, "
+        "2 threads, no stat cache, no fsync; restore verifies blake3.",
+        "",
+        "Every restore is compared file by file (blake3 of content, permission bits) with "
+        "the source tree; a difference aborts the run.",
+        "",
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke run (small, 1 rep)")
+    parser.add_argument("--scale", type=int, help="workload size in MiB (default 512, quick 32)")
+    parser.add_argument("--variants", help=f"comma list of {', '.join(VARIANTS)} or 'all'")
+    parser.add_argument("--systems", help="comma list of system labels (default: all)")
+    parser.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
+    parser.add_argument("--settle", type=float, default=2.5, help="seconds files age before a save")
+    parser.add_argument("--out", type=Path, help="markdown output; JSON is written beside it")
+    parser.add_argument("--workdir", type=Path, help="scratch space (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch space")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    args.scale = args.scale or (QUICK_SCALE if args.quick else 512)
+    args.reps = args.reps or (1 if args.quick else 3)
+    if args.variants in (None, ""):
+        args.variants = list(QUICK_VARIANTS if args.quick else FULL_VARIANTS)
+    elif args.variants == "all":
+        args.variants = list(VARIANTS)
+    else:
+        args.variants = [v.strip() for v in args.variants.split(",")]
+        unknown = set(args.variants) - set(VARIANTS)
+        if unknown:
+            parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    if args.out is None:
+        args.out = BENCH / "out" / "quick.md" if args.quick else BENCH / "RESULTS.md"
+    return args
+
+
+def select_systems(args: argparse.Namespace) -> tuple[list[System], dict[str, str]]:
+    systems = all_systems()
+    if args.systems:
+        wanted = {w.strip() for w in args.systems.split(",")}
+        unknown = wanted - {s.label for s in systems}
+        if unknown:
+            raise SystemExit(f"unknown systems {sorted(unknown)}: {[s.label for s in systems]}")
+        systems = [s for s in systems if s.label in wanted]
+    unavailable: dict[str, str] = {}
+    for s in systems:
+        missing = s.missing()
+        if missing and not args.quick:
+            raise SystemExit(f"{s.label} needs {', '.join(missing)}; install it (or use --quick)")
+        if missing:
+            unavailable[s.label] = "not installed"
+    return systems, unavailable
+
+
+def warm_up(env: dict[str, str]) -> None:
+    """Import everything once so no timed run pays for compiling bytecode."""
+    code = "import castore, castore._cli, zstandard, blake3, pyfastcdc, anyio, obstore"
+    run_untimed([sys.executable, "-c", code], {**env, **_castore_env(Path(tempfile.gettempdir()))})
+    run_untimed(
+        [sys.executable, "-c", "import bare, castore_api"], {**env, "PYTHONPATH": str(BENCH)}
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    systems, unavailable = select_systems(args)
+    runnable = [s for s in systems if s.label not in unavailable]
+    base_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("CASTORE_", "RESTIC_", "BORG_"))
+    }
+    warm_up(base_env)
+    source_digest = castore_source_digest()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="castore-bench-", dir="/var/tmp"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    samples: list[Sample] = []
+    workloads: dict[str, WorkloadInfo] = {}
+    ok = False
+    try:
+        for variant in args.variants:
+            info = workloads.setdefault(variant, WorkloadInfo())
+            for rep in range(args.reps):
+                if not args.quiet:
+                    print(f"{variant} rep {rep + 1}/{args.reps}", flush=True)
+                root = workdir / f"{variant}-rep{rep}"
+                ws = Workspace(root, runnable, base_env)
+                ctx = RepContext(variant, args.scale, rep, args.settle, ws, not args.quiet)
+                run_rep(ctx, info)
+                samples += ctx.samples
+                shutil.rmtree(root)
+        ok = True
+    finally:
+        if args.keep or not ok:
+            print(f"scratch space kept at {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    json_path = args.out.with_suffix(".json")
+    report: dict[str, Any] = {
+        "meta": {
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv),
+            "mode": "quick" if args.quick else "full",
+            "scale_mib": args.scale,
+            "reps": args.reps,
+            "settle_s": args.settle,
+            "variants": args.variants,
+            "systems": [s.label for s in systems],
+            "unavailable": unavailable,
+            "duration_s": time.perf_counter() - started,
+            "json": _display_path(json_path),
+            "machine": machine(workdir.parent),
+            "castore_changed_during_run": castore_source_digest() != source_digest,
+        },
+        "workloads": {v: asdict(i) for v, i in workloads.items()},
+        "summary": summarize(samples),
+        "samples": [asdict(s) for s in samples],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    args.out.write_text(render(report, systems, unavailable))
+    print(
+        f"wrote {_display_path(args.out)} and {_display_path(json_path)} "
+        f"in {report['meta']['duration_s']:.0f} s"
+    )
+    return 0
+
+
+def _display_path(path: Path) -> str:
+    with contextlib.suppress(ValueError):
+        return path.resolve().relative_to(ROOT).as_posix()
+    return str(path)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        sys.exit(1)

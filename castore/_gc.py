@@ -1,0 +1,282 @@
+"""Garbage collection: retention, then a two-phase sweep that is safe with live
+writers. The protocol and its argument are in docs/gc.md.
+
+``plan_gc`` only decides: it returns a :class:`GcPlan` with what would be expired,
+deleted and marked, and the bytes involved. ``GcPlan.execute()`` acts, once, in an
+order that an interruption cannot make harmful: expired manifests first (their
+blobs stay until a later sweep), then the sweep under a marker, re-reading every
+manifest and claim, so that anything committed since the plan is still protected.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from ._clock import Clock
+from ._errors import UsageError
+from ._gcguard import CLAIM_TTL, COMMIT_WINDOW, SWEEP_TTL
+from ._gcstate import CandidateRecord, GcState
+from ._manifest import Manifest
+from ._repository import ManifestRef, Repository, blob_key
+from ._taskgroup import task_group
+
+__all__ = ["GcPlan", "GcReport", "RetentionPolicy", "plan_gc"]
+
+_BLOB_PREFIX = "blobs/"
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Which checkpoints to expire. With no rule set, nothing is expired.
+
+    ``keep_last``: per key, the newest N are kept. ``keep_within``: checkpoints younger
+    than this many seconds are kept. A checkpoint kept by either rule, or pinned,
+    stays. Only keys matching ``key_pattern`` (fnmatch) are considered.
+    """
+
+    keep_last: int | None = None
+    keep_within: float | None = None
+    key_pattern: str = "*"
+
+    def __post_init__(self) -> None:
+        if self.keep_last is not None and self.keep_last < 0:
+            raise UsageError("keep_last must be at least 0")
+        if self.keep_within is not None and self.keep_within < 0:
+            raise UsageError("keep_within must be at least 0 seconds")
+
+    @property
+    def expires_anything(self) -> bool:
+        return self.keep_last is not None or self.keep_within is not None
+
+
+@dataclass(frozen=True)
+class GcReport:
+    expired: tuple[str, ...]
+    deleted_blobs: int
+    freed_bytes: int
+    marked_blobs: int
+    marked_bytes: int
+    complete: bool
+    """False if the sweep stopped early (it ran too long); the next run continues."""
+
+
+@dataclass
+class _BlobInfo:
+    size: int
+    modified: float
+
+
+@dataclass
+class GcPlan:
+    """What a gc run will do. Use :meth:`execute` once."""
+
+    grace: float
+    expire: tuple[ManifestRef, ...]
+    keep: tuple[ManifestRef, ...]
+    delete_blobs: int
+    delete_bytes: int
+    mark_blobs: int
+    mark_bytes: int
+    total_blobs: int
+    total_bytes: int
+    _repo: Repository = field(repr=False)
+    _state: GcState = field(repr=False)
+    _clock: Clock = field(repr=False)
+    _executed: bool = field(default=False, repr=False)
+
+    @property
+    def safe_with_writers(self) -> bool:
+        return self.grace >= 2 * COMMIT_WINDOW
+
+    async def execute(self, progress: Callable[[int], None] | None = None) -> GcReport:
+        if self._executed:
+            raise UsageError("a gc plan can be executed only once; plan again")
+        self._executed = True
+        for ref in self.expire:
+            await self._repo.backend.delete(ref.object_key)
+        return await _sweep(self._repo, self._state, self._clock, self.grace, progress)
+
+
+async def plan_gc(repo: Repository, policy: RetentionPolicy, grace: float, clock: Clock) -> GcPlan:
+    if grace < 0:
+        raise UsageError("grace must be at least 0 seconds")
+    state = GcState(repo.backend)
+    now = clock.now()
+    refs = await repo.list_manifests()
+    manifests = await repo.read_manifests(refs)
+    pinned = await state.pinned()
+    expire = _expired(manifests, policy, pinned, now)
+    expired_ids = {r.id for r in expire}
+    keep = tuple(r for r in refs if r.id not in expired_ids)
+    referenced = _referenced(m for m in manifests if m.id not in expired_ids)
+    blobs = await _list_blobs(repo)
+    records = list((await state.snapshot()).records)
+    deletable, markable = _decide(blobs, referenced, set(), records, now, grace)
+    if grace == 0:
+        # Nothing waits for a later run: what would be marked is deleted at once.
+        deletable |= markable
+        markable = set()
+    return GcPlan(
+        grace=grace,
+        expire=expire,
+        keep=keep,
+        delete_blobs=len(deletable),
+        delete_bytes=sum(blobs[b].size for b in deletable),
+        mark_blobs=len(markable),
+        mark_bytes=sum(blobs[b].size for b in markable),
+        total_blobs=len(blobs),
+        total_bytes=sum(b.size for b in blobs.values()),
+        _repo=repo,
+        _state=state,
+        _clock=clock,
+    )
+
+
+def _expired(
+    manifests: list[Manifest], policy: RetentionPolicy, pinned: set[str], now: float
+) -> tuple[ManifestRef, ...]:
+    if not policy.expires_anything:
+        return ()
+    by_key: dict[str, list[Manifest]] = {}
+    for m in manifests:
+        if fnmatch.fnmatchcase(m.key, policy.key_pattern):
+            by_key.setdefault(m.key, []).append(m)
+    expired: list[ManifestRef] = []
+    for series in by_key.values():
+        series.sort(key=lambda m: (m.seq, m.id))
+        newest_first = list(reversed(series))
+        for position, m in enumerate(newest_first):
+            kept = (
+                m.pinned
+                or m.id in pinned
+                or (policy.keep_last is not None and position < policy.keep_last)
+                or (policy.keep_within is not None and now - m.created_at < policy.keep_within)
+            )
+            if not kept:
+                expired.append(ManifestRef(m.seq, m.id, m.key, m.attempt, 0.0))
+    return tuple(sorted(expired))
+
+
+def _referenced(manifests: object) -> set[str]:
+    out: set[str] = set()
+    for m in manifests:  # type: ignore[attr-defined]
+        out.update(b for b, _ in m.blobs)
+    return out
+
+
+def _decide(
+    blobs: dict[str, _BlobInfo],
+    referenced: set[str],
+    claimed: set[str],
+    records: list[CandidateRecord],
+    now: float,
+    grace: float,
+) -> tuple[set[str], set[str]]:
+    """(blobs a sweep deletes now, blobs to record as new candidates)."""
+    protected = referenced | claimed
+    deletable: set[str] = set()
+    recorded: set[str] = set()
+    for record in records:
+        recorded |= record.blobs
+        if now - record.created_at < grace:
+            continue
+        for b in record.blobs:
+            info = blobs.get(b)
+            # Rewritten since it was marked (re-uploaded after a sweep): not garbage.
+            if info is not None and b not in protected and info.modified <= record.stored_at:
+                deletable.add(b)
+    markable = {
+        b
+        for b, info in blobs.items()
+        if b not in protected
+        and b not in deletable
+        and b not in recorded
+        and now - info.modified >= grace
+    }
+    return deletable, markable
+
+
+async def _sweep(
+    repo: Repository,
+    state: GcState,
+    clock: Clock,
+    grace: float,
+    progress: Callable[[int], None] | None,
+) -> GcReport:
+    started = clock.now()
+    marker = await state.begin_sweep(started)
+    try:
+        # Read claims and manifests only after the marker is visible: a writer whose
+        # claim we miss will see the marker and wait for us (docs/gc.md).
+        claimed = await state.claimed_blobs(clock.now(), CLAIM_TTL)
+        manifests = await repo.read_manifests(await repo.list_manifests())
+        referenced = _referenced(manifests)
+        blobs = await _list_blobs(repo)
+        records = list((await state.snapshot()).records)
+        now = clock.now()
+        deletable, markable = _decide(blobs, referenced, claimed, records, now, grace)
+        freed = 0
+        deleted = 0
+        complete = True
+        due = [r for r in records if now - r.created_at >= grace]
+        if markable:
+            record = await state.write_record(clock.now(), grace, markable)
+            if grace == 0:
+                deletable |= markable
+                due.append(record)
+        if deletable:
+            # Writers whose stat cache predates this marker re-check their blobs.
+            await state.bump_generation(clock.now())
+        for batch in _batches(sorted(deletable), 256):
+            if clock.now() - started > SWEEP_TTL / 2:
+                complete = False
+                break
+            await _delete_blobs(repo, batch)
+            deleted += len(batch)
+            freed += sum(blobs[b].size for b in batch)
+            if progress is not None:
+                progress(len(batch))
+        if complete:
+            for record in due:
+                await state.delete_record(record)
+        marked = 0 if grace == 0 else len(markable)
+        return GcReport(
+            expired=(),
+            deleted_blobs=deleted,
+            freed_bytes=freed,
+            marked_blobs=marked,
+            marked_bytes=0 if grace == 0 else sum(blobs[b].size for b in markable),
+            complete=complete,
+        )
+    finally:
+        with anyio.CancelScope(shield=True):
+            await state.end_sweep(marker)
+
+
+def _batches(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+async def _delete_blobs(repo: Repository, batch: list[str]) -> None:
+    limiter = anyio.Semaphore(32)
+
+    async def delete(blob_id: str) -> None:
+        async with limiter:
+            await repo.backend.delete(blob_key(blob_id))
+
+    async with task_group() as tg:
+        for blob_id in batch:
+            tg.start_soon(delete, blob_id)
+
+
+async def _list_blobs(repo: Repository) -> dict[str, _BlobInfo]:
+    blobs: dict[str, _BlobInfo] = {}
+    async for info in repo.backend.list(_BLOB_PREFIX):
+        blob_id = info.key.rsplit("/", 1)[-1]
+        if len(blob_id) == 64:
+            blobs[blob_id] = _BlobInfo(info.size, info.modified)
+    return blobs

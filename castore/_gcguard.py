@@ -1,0 +1,112 @@
+"""The writer's side of the gc protocol (docs/gc.md): run just before a manifest is
+committed, it makes sure no blob the manifest names can be deleted by a gc.
+
+Blobs a gc may delete are exactly those listed in candidate records. The guard takes
+the records seen when the save started and those visible now; if the manifest names
+any of their blobs (or, for a save that ran longer than ``COMMIT_WINDOW``, any blob
+at all), it writes a claim for them, waits for sweeps that may
+have started before the claim was visible, and checks that every claimed blob still
+exists. A missing one raises :class:`GcConflict`; the save then runs again trusting
+no cache, which uploads the blob anew. The commit must follow within
+``COMMIT_WINDOW`` of the check; a slower writer checks again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import anyio
+
+from ._backends import Backend
+from ._clock import Clock
+from ._errors import CastoreError
+from ._gcstate import GcSnapshot, GcState
+from ._repository import blob_key
+from ._taskgroup import task_group
+
+__all__ = ["CLAIM_TTL", "COMMIT_WINDOW", "SWEEP_TTL", "GcConflict", "guard_commit"]
+
+COMMIT_WINDOW = 60.0
+"""A writer commits within this many seconds of its last check; gc with a grace
+below twice this is not safe against concurrent writers."""
+SWEEP_TTL = 600.0
+"""A sweep stops deleting after half this; a marker older than this is stale."""
+CLAIM_TTL = 1800.0
+"""A claim older than this was left by a writer that died; gc ignores it."""
+
+
+class GcConflict(CastoreError):
+    """A blob this save relied on was deleted by a concurrent gc; the save retries."""
+
+
+async def guard_commit(
+    state: GcState,
+    backend: Backend,
+    checkpoint_id: str,
+    blobs: Iterable[str],
+    at_start: GcSnapshot,
+    started_at: float,
+    clock: Clock,
+) -> str | None:
+    """Return once committing is safe; the claim key to delete after the commit, if any.
+
+    ``at_start``/``started_at``: the gc snapshot and clock when the save began trusting
+    what it knew of the store.
+    """
+    wanted = set(blobs)
+    while True:
+        checked_at = clock.now()
+        now_state = await state.snapshot()
+        at_risk = wanted & (at_start.candidates() | now_state.candidates())
+        # Measured after the listing: a slow listing is part of a long save.
+        if clock.now() - started_at >= COMMIT_WINDOW:
+            # A gc could have marked and swept a record we never saw, even one naming
+            # a blob this save uploaded early on: re-check every blob.
+            at_risk = wanted
+        if not at_risk:
+            return None
+        claim = await state.write_claim(checkpoint_id, clock.now(), at_risk)
+        try:
+            await _wait_for_sweeps(state, clock)
+            missing = await _missing(backend, at_risk)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await state.delete_claim(claim)
+            raise
+        if missing:
+            await state.delete_claim(claim)
+            raise GcConflict(f"{len(missing)} blob(s) were deleted by a concurrent gc")
+        if clock.now() - checked_at < COMMIT_WINDOW:
+            return claim
+        await state.delete_claim(claim)
+
+
+async def _wait_for_sweeps(state: GcState, clock: Clock) -> None:
+    # A sweep that began before our claim was visible may not have seen it: wait it
+    # out. Sweeps stop themselves at SWEEP_TTL / 2, so this ends.
+    delay = 0.05
+    while (await state.snapshot()).sweeping(clock.now(), SWEEP_TTL):
+        await clock.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+_HEAD_LIMIT = 1000
+"""Above this many blobs to check, one listing of ``blobs/`` is cheaper than heads."""
+
+
+async def _missing(backend: Backend, blobs: set[str]) -> list[str]:
+    if len(blobs) > _HEAD_LIMIT:
+        present = {info.key.rsplit("/", 1)[-1] async for info in backend.list("blobs/")}
+        return sorted(blobs - present)
+    missing: list[str] = []
+    limiter = anyio.Semaphore(32)
+
+    async def check(blob_id: str) -> None:
+        async with limiter:
+            if await backend.head(blob_key(blob_id)) is None:
+                missing.append(blob_id)
+
+    async with task_group() as tg:
+        for blob_id in blobs:
+            tg.start_soon(check, blob_id)
+    return missing
