@@ -63,41 +63,41 @@ class FileChunker:
         self._params = params
         self._cutter = params.new_cutter()
         self._segment = max(segment, 2 * params.max_size)
-        self._buf = bytearray()
-        self._carry = 0
+        self._carry = b""
         self.done = False
 
-    def next_batch(self) -> list[bytes]:
-        """The next chunks, in order; an empty list once the file is exhausted."""
+    def next_batch(self) -> list[memoryview]:
+        """The next chunks, in order; an empty list once the file is exhausted.
+
+        Each batch is a view into a buffer of its own (not reused), so chunks are not
+        copied and stay valid for as long as they are referenced.
+        """
         if self.done:
             return []
         if self._file is None:
             # Opened here, in the worker thread, not by the caller's event loop.
             self._file = io.FileIO(self._path, "rb")
-            self._buf = bytearray(self._segment + self._params.max_size)
-        view = memoryview(self._buf)
-        filled = self._carry
-        target = self._carry + self._segment
+        buf = bytearray(len(self._carry) + self._segment)
+        view = memoryview(buf)
+        view[: len(self._carry)] = self._carry
+        filled = len(self._carry)
         # One read per segment: on a regular file a short read means the end, so a
         # file smaller than the segment costs a single thread hop.
-        filled += self._file.readinto(view[filled:target]) or 0
-        eof = filled < target
+        filled += self._file.readinto(view[filled:]) or 0
+        eof = filled < len(buf)
         data = view[:filled]
         cuts = list(self._cutter.cut_buf(data)) if filled else []
         # The last cut may be forced by the segment's end: unless at EOF, re-cut it
         # together with the next segment. The segment is at least two max-size chunks,
         # so a batch before EOF always holds at least one final chunk.
         tail_start = filled if eof or not cuts else cuts.pop().offset
-        chunks = [bytes(data[c.offset : c.offset + c.length]) for c in cuts]
-        del data, view
-        self._carry = filled - tail_start
-        self._buf[: self._carry] = self._buf[tail_start:filled]
+        chunks = [data[c.offset : c.offset + c.length] for c in cuts]
+        self._carry = bytes(data[tail_start:filled])
         if eof:
             self.close()
         return chunks
 
     def close(self) -> None:
         self.done = True
-        self._buf = bytearray()
         if self._file is not None:
             self._file.close()

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 import anyio
 import anyio.to_thread
 
-from ._backends import Backend
+from ._backends import Backend, BlockingAccess
 from ._codec import decode_blob
 from ._errors import CheckpointNotFoundError, IntegrityError, ObjectNotFoundError
 from ._manifest import Manifest, decode_manifest, encode_manifest, validate_key
 from ._taskgroup import task_group
 
-__all__ = ["ManifestRef", "Repository", "blob_key"]
+__all__ = ["BlockingBlobs", "ManifestRef", "Repository", "blob_key"]
 
 STORE_FORMAT_VERSION = 1
 _CONFIG_KEY = "castore.json"
@@ -84,6 +84,11 @@ class Repository:
     async def put_blob(self, blob_id: str, blob: bytes) -> bool:
         """Store an encoded blob unless present. True if this call stored it."""
         return await self.backend.put_if_absent(blob_key(blob_id), blob)
+
+    def blocking(self) -> BlockingBlobs | None:
+        """Blob access for worker threads, when the backend is local I/O."""
+        access = self.backend.blocking()
+        return BlockingBlobs(access) if access is not None else None
 
     async def get_blob_encoded(self, blob_id: str) -> bytes:
         """The stored bytes of a blob, unverified; IntegrityError if it is missing."""
@@ -160,6 +165,22 @@ class Repository:
             raise IntegrityError(f"manifest {ref.object_key} already exists")
         await self.backend.flush()
         return ref
+
+
+class BlockingBlobs:
+    """put/get of encoded blobs from inside a worker thread (local backends only)."""
+
+    def __init__(self, access: BlockingAccess) -> None:
+        self._access = access
+
+    def put_blob(self, blob_id: str, blob: bytes) -> bool:
+        return self._access.put_if_absent(blob_key(blob_id), blob)
+
+    def get_blob_encoded(self, blob_id: str) -> bytes:
+        try:
+            return self._access.get(blob_key(blob_id))
+        except ObjectNotFoundError as exc:
+            raise IntegrityError(f"blob {blob_id} is missing from the store") from exc
 
 
 def _parse_ref(object_key: str, modified: float) -> ManifestRef | None:

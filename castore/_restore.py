@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +22,13 @@ import anyio
 import anyio.to_thread
 
 from ._budget import ByteBudget
-from ._codec import decode_blob
+from ._codec import decode_blob, hash_bytes
 from ._errors import UsageError
 from ._manifest import Manifest
 from ._repository import Repository
 from ._taskgroup import task_group
 
-__all__ = ["RestoreOptions", "restore", "verify_blobs"]
+__all__ = ["RestoreOptions", "read_payload", "restore"]
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
@@ -53,7 +54,7 @@ async def restore(
     tmp = dest.parent / f".{dest.name}.castore-{secrets.token_hex(4)}.tmp"
     try:
         await anyio.to_thread.run_sync(_prepare_tree, tmp, manifest)
-        await _fill_files(repo, manifest, tmp, options)
+        await _fill_files(repo, manifest, dest, tmp, options)
         await anyio.to_thread.run_sync(_finish_tree, tmp, manifest)
         await anyio.to_thread.run_sync(_swap_into_place, tmp, dest)
     except BaseException:
@@ -75,15 +76,6 @@ async def read_payload(repo: Repository, manifest: Manifest, options: RestoreOpt
 
     await _for_each_blob(manifest, options, fetch)
     return bytes(out)
-
-
-async def verify_blobs(repo: Repository, manifest: Manifest, options: RestoreOptions) -> None:
-    """Fetch and verify every blob the manifest references; IntegrityError on the first bad one."""
-
-    async def fetch(blob_id: str, targets: list[Target]) -> None:
-        await repo.get_blob(blob_id)
-
-    await _for_each_blob(manifest, options, fetch)
 
 
 def _plan(manifest: Manifest) -> dict[int, list[Target]]:
@@ -114,32 +106,156 @@ async def _for_each_blob(manifest: Manifest, options: RestoreOptions, action: _B
 
 
 async def _fill_files(
-    repo: Repository, manifest: Manifest, tmp: Path, options: RestoreOptions
+    repo: Repository, manifest: Manifest, dest: Path, tmp: Path, options: RestoreOptions
 ) -> None:
-    limiter = anyio.CapacityLimiter(options.workers)
-    root = str(tmp)
+    """Write every file's bytes, a batch of blobs per thread hop. A blob whose bytes
+    an existing file at ``dest`` already holds (verified by hash) is copied from there
+    instead of fetched, so restoring over a previous state moves only what changed."""
+    plan = _plan(manifest)
+    local = await anyio.to_thread.run_sync(_local_candidates, dest, manifest)
+    writer = _BatchWriter(repo, manifest, plan, local, str(tmp))
+    limiter = anyio.CapacityLimiter(options.workers * 2 if writer.blocking else options.workers)
+    budget = ByteBudget(options.max_bytes_in_flight)
 
-    async def fetch_and_write(blob_id: str, targets: list[Target]) -> None:
-        encoded = await repo.get_blob_encoded(blob_id)
-        await anyio.to_thread.run_sync(
-            _write_blob, root, blob_id, encoded, targets, limiter=limiter
-        )
-
-    await _for_each_blob(manifest, options, fetch_and_write)
-
-
-def _write_blob(root: str, blob_id: str, encoded: bytes, targets: list[Target]) -> None:
-    raw = memoryview(decode_blob(blob_id, encoded))
-    for path, file_offset, blob_offset, length in targets:
-        fd = os.open(os.path.join(root, path), os.O_WRONLY | _O_NOFOLLOW)
+    async def run(batch: list[int], granted: int) -> None:
         try:
-            piece = raw[blob_offset : blob_offset + length]
-            while piece:
-                written = os.pwrite(fd, piece, file_offset)
-                piece = piece[written:]
-                file_offset += written
+            if writer.blocking is not None:
+                await anyio.to_thread.run_sync(writer.write_batch, batch, {}, limiter=limiter)
+                return
+            missing = await anyio.to_thread.run_sync(writer.write_local, batch, limiter=limiter)
+            fetched: dict[int, bytes] = {}
+            async with task_group() as fetches:
+                for index in missing:
+                    fetches.start_soon(_fetch_into, repo, manifest, index, fetched)
+            await anyio.to_thread.run_sync(writer.write_batch, missing, fetched, limiter=limiter)
         finally:
-            os.close(fd)
+            budget.release(granted)
+
+    async with task_group() as tg:
+        for batch, raw_bytes in _batches(manifest, list(plan), _BATCH_BYTES):
+            # Encoded and decoded copies are alive at once while a blob is written.
+            granted = await budget.acquire(2 * raw_bytes)
+            tg.start_soon(run, batch, granted)
+
+
+_BATCH_BYTES = 8 * 1024 * 1024
+
+
+def _batches(manifest: Manifest, indexes: list[int], size: int) -> list[tuple[list[int], int]]:
+    out: list[tuple[list[int], int]] = []
+    batch: list[int] = []
+    filled = 0
+    for index in indexes:
+        if batch and filled >= size:
+            out.append((batch, filled))
+            batch, filled = [], 0
+        batch.append(index)
+        filled += manifest.blobs[index][1]
+    if batch:
+        out.append((batch, filled))
+    return out
+
+
+async def _fetch_into(
+    repo: Repository, manifest: Manifest, index: int, out: dict[int, bytes]
+) -> None:
+    out[index] = await repo.get_blob_encoded(manifest.blobs[index][0])
+
+
+def _local_candidates(dest: Path, manifest: Manifest) -> dict[int, tuple[str, int]]:
+    """Where an existing file at ``dest`` may already hold a whole blob: the same path
+    and offset as in the checkpoint. Only a guess; the bytes are hashed before use."""
+    if not dest.is_dir():
+        return {}
+    found: dict[int, tuple[str, int]] = {}
+    for entry in manifest.entries:
+        if entry.type != "file" or not entry.parts:
+            continue
+        path = os.path.join(dest, entry.path)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        position = 0
+        for index, blob_offset, length in entry.parts:
+            whole = blob_offset == 0 and length == manifest.blobs[index][1]
+            if whole and position + length <= st.st_size and index not in found:
+                found[index] = (path, position)
+            position += length
+    return found
+
+
+class _BatchWriter:
+    """Thread-side work of a restore: produce each blob's verified bytes (from a local
+    file, the store, or already fetched) and write them at their offsets."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        manifest: Manifest,
+        plan: dict[int, list[Target]],
+        local: dict[int, tuple[str, int]],
+        root: str,
+    ) -> None:
+        self.manifest = manifest
+        self.plan = plan
+        self.local = local
+        self.root = root
+        self.blocking = repo.blocking()
+
+    def write_local(self, batch: list[int]) -> list[int]:
+        """Write the blobs a local file holds; return the indexes still to fetch."""
+        missing = []
+        for index in batch:
+            raw = self._from_local(index)
+            if raw is None:
+                missing.append(index)
+            else:
+                self._write(index, raw)
+        return missing
+
+    def write_batch(self, batch: list[int], fetched: dict[int, bytes]) -> None:
+        for index in batch:
+            raw = None if index in fetched else self._from_local(index)
+            if raw is None:
+                blob_id = self.manifest.blobs[index][0]
+                encoded = fetched.get(index)
+                if encoded is None:
+                    assert self.blocking is not None, "remote blobs are fetched beforehand"
+                    encoded = self.blocking.get_blob_encoded(blob_id)
+                raw = memoryview(decode_blob(blob_id, encoded))
+            self._write(index, raw)
+
+    def _from_local(self, index: int) -> memoryview | None:
+        source = self.local.get(index)
+        if source is None:
+            return None
+        blob_id, size = self.manifest.blobs[index]
+        path, position = source
+        try:
+            with open(path, "rb") as f:
+                f.seek(position)
+                data = f.read(size)
+        except OSError:
+            return None
+        if len(data) != size or hash_bytes(data) != blob_id:
+            return None
+        return memoryview(data)
+
+    def _write(self, index: int, raw: memoryview) -> None:
+        for path, file_offset, blob_offset, length in self.plan[index]:
+            fd = os.open(os.path.join(self.root, path), os.O_WRONLY | _O_NOFOLLOW)
+            try:
+                piece = raw[blob_offset : blob_offset + length]
+                position = file_offset
+                while piece:
+                    written = os.pwrite(fd, piece, position)
+                    piece = piece[written:]
+                    position += written
+            finally:
+                os.close(fd)
 
 
 def _check_dest(dest: Path) -> Path:

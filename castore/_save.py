@@ -87,7 +87,12 @@ class SavePipeline:
         self._known = known
         self._claimed: set[str] = set()
         self._lock = threading.Lock()
-        self._cpu = anyio.CapacityLimiter(options.workers)
+        self._blocking = repo.blocking()
+        # Worker threads spend part of their time in fsync or reads that release the
+        # GIL and the CPU: a few more threads than cores keep the cores busy.
+        self._cpu = anyio.CapacityLimiter(
+            options.workers * 2 if self._blocking else options.workers
+        )
         self._reader = anyio.CapacityLimiter(1)
         self._budget = ByteBudget(options.max_bytes_in_flight)
         self.new_bytes = 0
@@ -137,10 +142,8 @@ class SavePipeline:
         w = _FileWork(entry)
         chunks = await anyio.to_thread.run_sync(chunk_bytes, data, self.options.chunks)
         async with task_group() as tg:
-            for view in chunks:
-                granted = await self._budget.acquire(len(view))
-                w.parts.append(None)
-                tg.start_soon(self._save_chunk, w.parts, len(w.parts) - 1, view, granted)
+            for batch in _group(chunks, self.options.read_segment):
+                await self._start_batch(tg, w.parts, batch)
         return self._result([entry], {name: _done(w.parts)})
 
     # -- work units ------------------------------------------------------------------------
@@ -156,20 +159,17 @@ class SavePipeline:
 
     async def _save_bundle(self, bundle: list[_FileWork], granted: int) -> None:
         try:
-            blob_id, blob, extents = await anyio.to_thread.run_sync(
+            (blob_id, raw_size, blob), extents = await anyio.to_thread.run_sync(
                 self._encode_bundle, bundle, limiter=self._cpu
             )
-            raw_size = sum(length for _, length in extents)
             for w, (offset, length) in zip(bundle, extents, strict=True):
                 w.parts = [(blob_id, raw_size, offset, length)] if length else []
             if blob is not None:
-                await self._upload(blob_id, blob, raw_size)
+                await self._upload(blob_id, raw_size, blob)
         finally:
             self._budget.release(granted)
 
-    def _encode_bundle(
-        self, bundle: list[_FileWork]
-    ) -> tuple[str, bytes | None, list[tuple[int, int]]]:
+    def _encode_bundle(self, bundle: list[_FileWork]) -> tuple[_Encoded, list[tuple[int, int]]]:
         pieces: list[bytes] = []
         extents: list[tuple[int, int]] = []
         offset = 0
@@ -179,43 +179,68 @@ class SavePipeline:
             pieces.append(data)
             extents.append((offset, len(data)))
             offset += len(data)
-        raw = b"".join(pieces)
-        blob_id, blob = self._encode(raw)
-        return blob_id, blob, extents
+        return self._encode(b"".join(pieces)), extents
 
     async def _save_large(self, tg: TaskGroup, w: _FileWork) -> None:
         chunker = FileChunker(w.entry.abspath, self.options.chunks, self.options.read_segment)
         try:
             while not chunker.done:
                 batch = await anyio.to_thread.run_sync(chunker.next_batch, limiter=self._reader)
-                for data in batch:
-                    granted = await self._budget.acquire(len(data))
-                    w.parts.append(None)
-                    tg.start_soon(self._save_chunk, w.parts, len(w.parts) - 1, data, granted)
+                await self._start_batch(tg, w.parts, batch)
         finally:
             chunker.close()
 
-    async def _save_chunk(
-        self, parts: list[FilePart | None], index: int, data: bytes | memoryview, granted: int
+    async def _start_batch(
+        self, tg: TaskGroup, parts: list[FilePart | None], batch: list[memoryview]
     ) -> None:
+        """Reserve budget and slots for a batch of one file's chunks, then process it."""
+        if not batch:
+            return
+        granted = await self._budget.acquire(sum(len(c) for c in batch))
+        first = len(parts)
+        parts.extend([None] * len(batch))
+        tg.start_soon(self._save_batch, parts, first, batch, granted)
+
+    async def _save_batch(
+        self, parts: list[FilePart | None], first: int, batch: list[memoryview], granted: int
+    ) -> None:
+        # One thread hop hashes, compresses and (on a local store) writes the whole
+        # batch; only blobs bound for a remote store come back to be uploaded.
         try:
-            blob_id, blob = await anyio.to_thread.run_sync(self._encode, data, limiter=self._cpu)
-            parts[index] = (blob_id, len(data), 0, len(data))
-            if blob is not None:
-                await self._upload(blob_id, blob, len(data))
+            encoded = await anyio.to_thread.run_sync(self._encode_all, batch, limiter=self._cpu)
+            for i, (blob_id, raw_size, _) in enumerate(encoded):
+                parts[first + i] = (blob_id, raw_size, 0, raw_size)
+            pending = [(b, size, blob) for b, size, blob in encoded if blob is not None]
+            if len(pending) == 1:
+                await self._upload(*pending[0])
+            elif pending:
+                async with task_group() as uploads:
+                    for item in pending:
+                        uploads.start_soon(self._upload, *item)
         finally:
             self._budget.release(granted)
 
-    def _encode(self, raw: bytes | memoryview) -> tuple[str, bytes | None]:
-        """Hash a chunk; compress it only if nobody has stored or claimed it yet."""
+    def _encode_all(self, batch: list[memoryview]) -> list[_Encoded]:
+        return [self._encode(chunk) for chunk in batch]
+
+    def _encode(self, raw: bytes | memoryview) -> _Encoded:
+        """Hash a chunk; compress it only if nobody has stored or claimed it yet. On a
+        local store it is written here too; otherwise the blob is returned to upload."""
         blob_id = hash_bytes(raw)
         with self._lock:
             if blob_id in self._known or blob_id in self._claimed:
-                return blob_id, None
+                return blob_id, len(raw), None
             self._claimed.add(blob_id)
-        return blob_id, encode_blob(raw, self.options.compression_level)
+        blob = encode_blob(raw, self.options.compression_level)
+        if self._blocking is None:
+            return blob_id, len(raw), blob
+        if self._blocking.put_blob(blob_id, blob):
+            with self._lock:
+                self.new_bytes += len(raw)
+                self.uploaded_bytes += len(blob)
+        return blob_id, len(raw), None
 
-    async def _upload(self, blob_id: str, blob: bytes, raw_size: int) -> None:
+    async def _upload(self, blob_id: str, raw_size: int, blob: bytes) -> None:
         if await self.repo.put_blob(blob_id, blob):
             self.new_bytes += raw_size
             self.uploaded_bytes += len(blob)
@@ -246,6 +271,23 @@ class SavePipeline:
             total += size
             files += 1
         return SaveResult(entries, blobs, files, total, self.new_bytes, self.uploaded_bytes)
+
+
+_Encoded = tuple[str, int, "bytes | None"]
+"""(blob id, raw size, encoded blob still to upload or None)."""
+
+
+def _group(chunks: list[memoryview], size: int) -> list[list[memoryview]]:
+    """Consecutive chunks in groups of about ``size`` bytes: the unit of a thread hop."""
+    groups: list[list[memoryview]] = [[]]
+    filled = 0
+    for chunk in chunks:
+        if filled >= size:
+            groups.append([])
+            filled = 0
+        groups[-1].append(chunk)
+        filled += len(chunk)
+    return [g for g in groups if g]
 
 
 def _done(parts: list[FilePart | None]) -> list[FilePart]:

@@ -270,3 +270,29 @@ async def test_stat_cache_is_not_trusted_for_a_recreated_store(tmp_path: Path) -
     assert (
         out is not None and (out / "weights.bin").read_bytes() == (src / "weights.bin").read_bytes()
     )
+
+
+async def test_restore_over_a_previous_state_fetches_only_what_changed(tmp_path: Path) -> None:
+    store = _store((tmp_path / "store").as_uri(), tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"shard-{i}.bin").write_bytes(os.urandom(4 << 20))
+    await store.save(src)
+    dest = tmp_path / "dest"
+    await store.load(dest)
+    (src / "shard-2.bin").write_bytes(os.urandom(4 << 20))
+    await store.save(src)
+    # dest still holds the previous state; and one file there was damaged in place.
+    damaged = bytearray((dest / "shard-3.bin").read_bytes())
+    damaged[5] ^= 0xFF
+    (dest / "shard-3.bin").write_bytes(bytes(damaged))
+    spy = FaultBackend(store.repo.backend)
+    store.repo.backend = spy
+    await store.load(dest)
+    for i in range(4):
+        assert (dest / f"shard-{i}.bin").read_bytes() == (src / f"shard-{i}.bin").read_bytes()
+    manifest_and_blobs = spy.calls["get"]
+    total_blobs = (await store.inspect()).chunks
+    # The changed shard and the damaged chunk came from the store, the rest from dest.
+    assert 1 < manifest_and_blobs < total_blobs // 2

@@ -1,6 +1,6 @@
 """Storage backends: one async interface, implementations, and wrappers."""
 
-from ._base import Backend, BackendWrapper, ObjectInfo
+from ._base import Backend, BackendWrapper, BlockingAccess, ObjectInfo
 from ._local import LocalBackend
 from ._obstore import ObstoreBackend
 from ._open import REMOTE_SCHEMES, open_backend
@@ -10,6 +10,7 @@ __all__ = [
     "REMOTE_SCHEMES",
     "Backend",
     "BackendWrapper",
+    "BlockingAccess",
     "Fault",
     "FaultBackend",
     "LocalBackend",

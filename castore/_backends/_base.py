@@ -12,8 +12,9 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["Backend", "BackendWrapper", "ObjectInfo"]
+__all__ = ["Backend", "BackendWrapper", "BlockingAccess", "ObjectInfo"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,15 @@ class ObjectInfo:
     size: int
     modified: float
     """Last modification, seconds since the epoch."""
+
+
+class BlockingAccess(Protocol):
+    """Blocking calls a backend may offer for use inside worker threads, so that a
+    pipeline stores or fetches a chunk in the same thread hop that hashes it."""
+
+    def get(self, key: str) -> bytes: ...
+
+    def put_if_absent(self, key: str, data: bytes) -> bool: ...
 
 
 class Backend(abc.ABC):
@@ -58,6 +68,10 @@ class Backend(abc.ABC):
     async def head(self, key: str) -> ObjectInfo | None:
         """The object's metadata, or None if it does not exist."""
 
+    def blocking(self) -> BlockingAccess | None:
+        """Blocking access for worker threads, if this backend is local I/O."""
+        return None
+
     async def flush(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Make every completed put durable. Object stores are durable on return."""
 
@@ -92,6 +106,9 @@ class BackendWrapper(Backend):
 
     async def head(self, key: str) -> ObjectInfo | None:
         return await self.inner.head(key)
+
+    # blocking() stays None: a wrapper's behaviour (retries, faults) lives in its async
+    # methods, which a blocking shortcut would bypass.
 
     async def flush(self) -> None:
         await self.inner.flush()

@@ -22,7 +22,7 @@ import anyio
 import anyio.to_thread
 
 from .._errors import ObjectNotFoundError, StorageError, StoragePermissionError, UsageError
-from ._base import Backend, ObjectInfo
+from ._base import Backend, BlockingAccess, ObjectInfo
 
 __all__ = ["LocalBackend"]
 
@@ -41,6 +41,9 @@ class LocalBackend(Backend):
         if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise UsageError(f"invalid object key {key!r}")
         return os.path.join(self.root, *parts)
+
+    def blocking(self) -> BlockingAccess:
+        return _LocalBlocking(self)
 
     async def get(self, key: str) -> bytes:
         return await anyio.to_thread.run_sync(self._get_sync, key)
@@ -163,6 +166,17 @@ class LocalBackend(Backend):
                         continue
                     found.append(ObjectInfo(key, st.st_size, st.st_mtime))
         return found
+
+
+class _LocalBlocking:
+    def __init__(self, backend: LocalBackend) -> None:
+        self._backend = backend
+
+    def get(self, key: str) -> bytes:
+        return self._backend._get_sync(key)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        return self._backend._put_sync(key, data, True)
 
 
 def _fsync_dirs(dirs: list[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,24 @@ _ERROR_MAP: tuple[tuple[type[BaseException], type[CastoreError]], ...] = (
 )
 
 
+_STATUS = re.compile(r"non-2xx status code: (\d{3})")
+
+
+def _by_status(exc: BaseException) -> type[CastoreError] | None:
+    """A GenericError that carries an HTTP status: 4xx are permanent, not transient."""
+    match = _STATUS.search(str(exc))
+    if match is None:
+        return None
+    status = int(match.group(1))
+    if status in (401, 403):
+        return StoragePermissionError
+    if status == 404:
+        return ObjectNotFoundError
+    if 400 <= status < 500 and status not in (408, 429):
+        return StorageError
+    return None
+
+
 @contextlib.contextmanager
 def map_obstore_errors(key: str) -> Iterator[None]:
     """Re-raise obstore's exceptions as castore's, keeping the original as the cause."""
@@ -55,11 +74,14 @@ def map_obstore_errors(key: str) -> Iterator[None]:
     except CastoreError:
         raise
     except Exception as exc:
-        for source, target in _ERROR_MAP:
-            if isinstance(exc, source):
-                message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
-                raise target(f"{key!r}: {message}") from exc
-        raise
+        target = _by_status(exc) if isinstance(exc, obe.GenericError) else None
+        if target is None:
+            target = next((t for source, t in _ERROR_MAP if isinstance(exc, source)), None)
+        if target is None:
+            raise
+        text = str(exc).strip()
+        message = text.splitlines()[0] if text else type(exc).__name__
+        raise target(f"{key!r}: {message}") from exc
 
 
 class ObstoreBackend(Backend):
