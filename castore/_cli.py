@@ -86,8 +86,36 @@ def _progress(quiet: bool, label: str, total: int | None) -> Iterator[Callable[[
         yield lambda n: bar.advance(task, n)
 
 
+def _store_options() -> dict[str, Any]:
+    ctx = click.get_current_context()
+    options: dict[str, Any] = ctx.obj.get("options", {}) if ctx.obj else {}
+    return options
+
+
 def _store(url: str | None, key: str, attempt: int | None = None) -> castore.CheckpointStore:
-    return castore.CheckpointStore(url, key=key, attempt=attempt)
+    return castore.CheckpointStore(url, key=key, attempt=attempt, **_store_options())
+
+
+def _admin(url: str | None) -> castore.Maintenance:
+    return castore.Maintenance(url, **_store_options())
+
+
+def _parse_options(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, Any]:
+    """-o key=value pairs: true/false become booleans, integers become ints."""
+    options: dict[str, Any] = {}
+    for item in values:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        value: Any = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        elif raw.lstrip("-").isdigit():
+            value = int(raw)
+        options[name] = value
+    return options
 
 
 def _emit(as_json: bool, data: Any, text: str) -> None:
@@ -100,11 +128,20 @@ def _info_dict(info: castore.CheckpointInfo) -> dict[str, Any]:
 
 @click.group(cls=_Group)
 @click.option("--debug", is_flag=True, envvar="CASTORE_DEBUG", help="Show tracebacks on errors.")
+@click.option(
+    "-o",
+    "--option",
+    "options",
+    multiple=True,
+    callback=_parse_options,
+    metavar="KEY=VALUE",
+    help="Store option, e.g. -o endpoint=http://127.0.0.1:8333 -o allow_http=true.",
+)
 @click.version_option(castore.__version__, prog_name="castore")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, options: dict[str, Any]) -> None:
     """castore: content-addressed checkpoints for interruptible jobs."""
-    ctx.obj = {"debug": debug}
+    ctx.obj = {"debug": debug, "options": options}
 
 
 @cli.command()
@@ -164,7 +201,7 @@ def load(dest: Path, url: str | None, key: str, attempt: int | None, as_json: bo
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def ls_command(url: str | None, key: str | None, as_json: bool) -> None:
     """List checkpoints, by key then oldest first."""
-    infos = castore.Maintenance(url).checkpoints_sync(key or "*")
+    infos = _admin(url).checkpoints_sync(key or "*")
     lines = [
         f"{i.id}  {i.key:<24} #{i.seq:<4} attempt {i.attempt:<3} "
         f"{i.created_at:%Y-%m-%d %H:%M:%S}  {i.kind:5} {i.files:6} files "
@@ -237,7 +274,7 @@ def gc(
 ) -> None:
     """Expire checkpoints by retention and reclaim unreferenced blobs (two-phase, safe
     with concurrent writers). A plain gc expires nothing and only sweeps orphans."""
-    admin = castore.Maintenance(url)
+    admin = _admin(url)
     plan = admin.plan_gc_sync(
         keep_last=keep_last, keep_within=keep_within, key_pattern=key_pattern, grace=grace
     )
@@ -299,7 +336,7 @@ def gc(
 def verify(url: str | None, key_pattern: str, full: bool, sample: float, as_json: bool) -> None:
     """Check that manifests parse and their blobs exist (and hash right, with --full or
     --sample). Exits 1 and names the affected checkpoints if anything is wrong."""
-    admin = castore.Maintenance(url)
+    admin = _admin(url)
     with _progress(as_json, "re-hashing", None) as advance:
         report = admin.verify_sync(
             key_pattern=key_pattern, full=full, sample=sample / 100, progress=advance
@@ -327,7 +364,7 @@ def verify(url: str | None, key_pattern: str, full: bool, sample: float, as_json
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def stats(url: str | None, as_json: bool) -> None:
     """Logical vs stored bytes, dedup ratio, object counts."""
-    st = castore.Maintenance(url).stats_sync()
+    st = _admin(url).stats_sync()
     data = {
         **dataclasses.asdict(st),
         "dedup_ratio": st.dedup_ratio,
@@ -350,7 +387,7 @@ def stats(url: str | None, as_json: bool) -> None:
 @click.option("--remove", is_flag=True, help="Unpin instead.")
 def pin(url: str | None, checkpoint_id: str, remove: bool) -> None:
     """Protect a checkpoint from retention (or --remove the pin)."""
-    admin = castore.Maintenance(url)
+    admin = _admin(url)
     if remove:
         admin.unpin_sync(checkpoint_id)
         click.echo(f"unpinned {checkpoint_id}")

@@ -35,7 +35,7 @@ _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 @dataclass(frozen=True)
 class RestoreOptions:
-    max_bytes_in_flight: int = 128 * 1024 * 1024
+    max_bytes_in_flight: int = 64 * 1024 * 1024
     workers: int = field(default_factory=lambda: os.cpu_count() or 2)
 
 

@@ -23,7 +23,7 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from ._budget import ByteBudget
-from ._chunking import ChunkParams, FileChunker, chunk_bytes
+from ._chunking import BufferPool, ChunkParams, FileChunker, chunk_bytes
 from ._codec import encode_blob, hash_bytes
 from ._manifest import Entry, Part
 from ._repository import Repository
@@ -41,7 +41,7 @@ class SaveOptions:
     small_file_limit: int = 256 * 1024
     """Files smaller than this are packed together into bundle blobs."""
     bundle_size: int = 1024 * 1024
-    max_bytes_in_flight: int = 128 * 1024 * 1024
+    max_bytes_in_flight: int = 64 * 1024 * 1024
     workers: int = field(default_factory=lambda: os.cpu_count() or 2)
     read_segment: int = 8 * 1024 * 1024
 
@@ -95,6 +95,11 @@ class SavePipeline:
         )
         self._reader = anyio.CapacityLimiter(1)
         self._budget = ByteBudget(options.max_bytes_in_flight)
+        segment = max(options.read_segment, 2 * options.chunks.max_size)
+        self._pool = BufferPool(
+            segment + options.chunks.max_size,
+            keep=options.max_bytes_in_flight // segment + options.workers + 2,
+        )
         self.new_bytes = 0
         self.uploaded_bytes = 0
 
@@ -143,7 +148,8 @@ class SavePipeline:
         chunks = await anyio.to_thread.run_sync(chunk_bytes, data, self.options.chunks)
         async with task_group() as tg:
             for batch in _group(chunks, self.options.read_segment):
-                await self._start_batch(tg, w.parts, batch)
+                granted = await self._budget.acquire(sum(len(c) for c in batch))
+                self._start_batch(tg, w.parts, batch, granted)
         return self._result([entry], {name: _done(w.parts)})
 
     # -- work units ------------------------------------------------------------------------
@@ -182,27 +188,39 @@ class SavePipeline:
         return self._encode(b"".join(pieces)), extents
 
     async def _save_large(self, tg: TaskGroup, w: _FileWork) -> None:
-        chunker = FileChunker(w.entry.abspath, self.options.chunks, self.options.read_segment)
+        chunker = FileChunker(w.entry.abspath, self.options.chunks, self._pool)
         try:
             while not chunker.done:
+                # Budget first: the read itself takes a pool buffer of about a segment.
+                granted = await self._budget.acquire(self._pool.size)
                 batch = await anyio.to_thread.run_sync(chunker.next_batch, limiter=self._reader)
-                await self._start_batch(tg, w.parts, batch)
+                self._start_batch(tg, w.parts, batch.chunks, granted, batch.buffer)
         finally:
             chunker.close()
 
-    async def _start_batch(
-        self, tg: TaskGroup, parts: list[FilePart | None], batch: list[memoryview]
+    def _start_batch(
+        self,
+        tg: TaskGroup,
+        parts: list[FilePart | None],
+        chunks: list[memoryview],
+        granted: int,
+        buffer: bytearray | None = None,
     ) -> None:
-        """Reserve budget and slots for a batch of one file's chunks, then process it."""
-        if not batch:
+        """Reserve slots for a batch of one file's chunks, then process it."""
+        if not chunks:
+            self._budget.release(granted)
             return
-        granted = await self._budget.acquire(sum(len(c) for c in batch))
         first = len(parts)
-        parts.extend([None] * len(batch))
-        tg.start_soon(self._save_batch, parts, first, batch, granted)
+        parts.extend([None] * len(chunks))
+        tg.start_soon(self._save_batch, parts, first, chunks, granted, buffer)
 
     async def _save_batch(
-        self, parts: list[FilePart | None], first: int, batch: list[memoryview], granted: int
+        self,
+        parts: list[FilePart | None],
+        first: int,
+        batch: list[memoryview],
+        granted: int,
+        buffer: bytearray | None,
     ) -> None:
         # One thread hop hashes, compresses and (on a local store) writes the whole
         # batch; only blobs bound for a remote store come back to be uploaded.
@@ -218,6 +236,9 @@ class SavePipeline:
                     for item in pending:
                         uploads.start_soon(self._upload, *item)
         finally:
+            del batch
+            if buffer is not None:
+                self._pool.release(buffer)
             self._budget.release(granted)
 
     def _encode_all(self, batch: list[memoryview]) -> list[_Encoded]:

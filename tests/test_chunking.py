@@ -7,16 +7,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from castore._chunking import ChunkParams, FileChunker, chunk_bytes
+from castore._chunking import BufferPool, ChunkParams, FileChunker, chunk_bytes
 
 SMALL = ChunkParams(min_size=1024, avg_size=4096, max_size=16384)
 
 
 def _file_chunks(path: Path, params: ChunkParams, segment: int) -> list[bytes]:
-    chunker = FileChunker(path, params, segment)
+    # Two buffers only, reused as soon as a batch is copied out: reuse must not
+    # change a single byte of what comes back.
+    pool = BufferPool(max(segment, 2 * params.max_size) + params.max_size, keep=2)
+    chunker = FileChunker(path, params, pool)
     out: list[bytes] = []
     while not chunker.done:
-        out.extend(chunker.next_batch())
+        batch = chunker.next_batch()
+        out.extend(bytes(c) for c in batch.chunks)
+        if batch.buffer is not None:
+            pool.release(batch.buffer)
     return out
 
 
