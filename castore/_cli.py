@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 
 import castore
 
@@ -79,6 +78,7 @@ def _progress(quiet: bool, label: str, total: int | None) -> Iterator[Callable[[
     if quiet or not sys.stderr.isatty():
         yield lambda n: None
         return
+    from rich.console import Console
     from rich.progress import Progress
 
     with Progress(console=Console(stderr=True), transient=True) as bar:

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import os
 import secrets
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -16,7 +17,6 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import blake3
-import platformdirs
 
 from ._backends import open_backend
 from ._chunking import ChunkParams
@@ -42,7 +42,16 @@ PAYLOAD_NAME = "payload"
 def default_cache_dir() -> Path:
     """``$CASTORE_CACHE_DIR``, else the user cache dir (``$XDG_CACHE_HOME/castore``)."""
     env = os.environ.get("CASTORE_CACHE_DIR")
-    return Path(env) if env else Path(platformdirs.user_cache_dir("castore", appauthor=False))
+    if env:
+        return Path(env)
+    platform = sys.platform  # a plain value, so type checkers keep both branches
+    if platform.startswith("linux"):
+        # The XDG rule, without importing platformdirs (30 ms of every CLI call).
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        return Path(xdg if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "castore"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("castore", appauthor=False))
 
 
 class CheckpointStore:
