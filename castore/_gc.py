@@ -11,7 +11,8 @@ manifest and claim, so that anything committed since the plan is still protected
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import anyio
@@ -86,6 +87,7 @@ class GcPlan:
     _repo: Repository = field(repr=False)
     _state: GcState = field(repr=False)
     _clock: Clock = field(repr=False)
+    _summaries: dict[str, _Summary] = field(repr=False, default_factory=dict)
     _executed: bool = field(default=False, repr=False)
 
     @property
@@ -98,7 +100,9 @@ class GcPlan:
         self._executed = True
         for ref in self.expire:
             await self._repo.backend.delete(ref.object_key)
-        return await _sweep(self._repo, self._state, self._clock, self.grace, progress)
+        return await _sweep(
+            self._repo, self._state, self._clock, self.grace, self._summaries, progress
+        )
 
 
 async def plan_gc(repo: Repository, policy: RetentionPolicy, grace: float, clock: Clock) -> GcPlan:
@@ -107,12 +111,12 @@ async def plan_gc(repo: Repository, policy: RetentionPolicy, grace: float, clock
     state = GcState(repo.backend)
     now = clock.now()
     refs = await repo.list_manifests()
-    manifests = await repo.read_manifests(refs)
+    summaries = await _summarize(repo, refs, {})
     pinned = await state.pinned()
-    expire = _expired(manifests, policy, pinned, now)
+    expire = _expired(list(summaries.values()), policy, pinned, now)
     expired_ids = {r.id for r in expire}
     keep = tuple(r for r in refs if r.id not in expired_ids)
-    referenced = _referenced(m for m in manifests if m.id not in expired_ids)
+    referenced = _referenced(s for s in summaries.values() if s.ref.id not in expired_ids)
     blobs = await _list_blobs(repo)
     records = list((await state.snapshot()).records)
     deletable, markable = _decide(blobs, referenced, set(), records, now, grace)
@@ -133,38 +137,64 @@ async def plan_gc(repo: Repository, policy: RetentionPolicy, grace: float, clock
         _repo=repo,
         _state=state,
         _clock=clock,
+        _summaries=summaries,
     )
 
 
+@dataclass(frozen=True)
+class _Summary:
+    """What gc needs of a manifest: a few fields and its blob ids (interned, since the
+    same id appears in many manifests)."""
+
+    ref: ManifestRef
+    created_at: float
+    pinned: bool
+    blobs: frozenset[str]
+
+
+async def _summarize(
+    repo: Repository, refs: list[ManifestRef], known: dict[str, _Summary]
+) -> dict[str, _Summary]:
+    """Summaries of ``refs``; manifests are immutable, so those in ``known`` are not
+    read again. Manifests deleted since the listing are left out."""
+    out = {ref.id: known[ref.id] for ref in refs if ref.id in known}
+
+    def summarize(ref: ManifestRef, m: Manifest) -> None:
+        blobs = frozenset(sys.intern(b) for b, _ in m.blobs)
+        out[ref.id] = _Summary(ref, m.created_at, m.pinned, blobs)
+
+    await repo.each_manifest((r for r in refs if r.id not in known), summarize)
+    return out
+
+
 def _expired(
-    manifests: list[Manifest], policy: RetentionPolicy, pinned: set[str], now: float
+    summaries: list[_Summary], policy: RetentionPolicy, pinned: set[str], now: float
 ) -> tuple[ManifestRef, ...]:
     if not policy.expires_anything:
         return ()
-    by_key: dict[str, list[Manifest]] = {}
-    for m in manifests:
-        if fnmatch.fnmatchcase(m.key, policy.key_pattern):
-            by_key.setdefault(m.key, []).append(m)
+    by_key: dict[str, list[_Summary]] = {}
+    for s in summaries:
+        if fnmatch.fnmatchcase(s.ref.key, policy.key_pattern):
+            by_key.setdefault(s.ref.key, []).append(s)
     expired: list[ManifestRef] = []
     for series in by_key.values():
-        series.sort(key=lambda m: (m.seq, m.id))
-        newest_first = list(reversed(series))
-        for position, m in enumerate(newest_first):
+        series.sort(key=lambda s: (s.ref.seq, s.ref.id), reverse=True)
+        for position, s in enumerate(series):
             kept = (
-                m.pinned
-                or m.id in pinned
+                s.pinned
+                or s.ref.id in pinned
                 or (policy.keep_last is not None and position < policy.keep_last)
-                or (policy.keep_within is not None and now - m.created_at < policy.keep_within)
+                or (policy.keep_within is not None and now - s.created_at < policy.keep_within)
             )
             if not kept:
-                expired.append(ManifestRef(m.seq, m.id, m.key, m.attempt, 0.0))
+                expired.append(s.ref)
     return tuple(sorted(expired))
 
 
-def _referenced(manifests: object) -> set[str]:
+def _referenced(summaries: Iterable[_Summary]) -> set[str]:
     out: set[str] = set()
-    for m in manifests:  # type: ignore[attr-defined]
-        out.update(b for b, _ in m.blobs)
+    for s in summaries:
+        out |= s.blobs
     return out
 
 
@@ -205,6 +235,7 @@ async def _sweep(
     state: GcState,
     clock: Clock,
     grace: float,
+    known: dict[str, _Summary],
     progress: Callable[[int], None] | None,
 ) -> GcReport:
     started = clock.now()
@@ -213,8 +244,9 @@ async def _sweep(
         # Read claims and manifests only after the marker is visible: a writer whose
         # claim we miss will see the marker and wait for us (docs/gc.md).
         claimed = await state.claimed_blobs(clock.now(), CLAIM_TTL)
-        manifests = await repo.read_manifests(await repo.list_manifests())
-        referenced = _referenced(manifests)
+        # Every manifest listed now counts; only those committed since the plan are read.
+        summaries = await _summarize(repo, await repo.list_manifests(), known)
+        referenced = _referenced(summaries.values())
         blobs = await _list_blobs(repo)
         records = list((await state.snapshot()).records)
         now = clock.now()

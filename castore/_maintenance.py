@@ -7,6 +7,7 @@ import fnmatch
 import functools
 import os
 import random
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +19,8 @@ from ._clock import Clock, SystemClock
 from ._errors import IntegrityError
 from ._gc import GcPlan, RetentionPolicy, plan_gc
 from ._gcstate import GcState
-from ._manifest import checkpoint_info
-from ._repository import Repository
+from ._manifest import Manifest, checkpoint_info
+from ._repository import ManifestRef, Repository
 from ._store import default_cache_dir
 from ._sync import run_sync
 from ._taskgroup import task_group
@@ -127,14 +128,24 @@ class Maintenance:
         ]
         problems: list[VerifyProblem] = []
         users: dict[str, list[tuple[str, str]]] = {}
-        for ref in refs:
-            try:
-                manifest = await self.repo.read_manifest(ref)
-            except IntegrityError as exc:
-                problems.append(VerifyProblem(ref.id, ref.key, f"manifest: {exc}"))
-                continue
+        read: set[str] = set()
+
+        def note(ref: ManifestRef, manifest: Manifest) -> None:
+            read.add(ref.id)
             for blob_id, _ in manifest.blobs:
-                users.setdefault(blob_id, []).append((ref.id, ref.key))
+                users.setdefault(sys.intern(blob_id), []).append((ref.id, ref.key))
+
+        try:
+            await self.repo.each_manifest(refs, note)
+        except IntegrityError:
+            # A manifest failed to parse: read the rest one at a time to name them all.
+            for ref in refs:
+                if ref.id in read:
+                    continue
+                try:
+                    note(ref, await self.repo.read_manifest(ref))
+                except IntegrityError as exc:
+                    problems.append(VerifyProblem(ref.id, ref.key, f"manifest: {exc}"))
         present: set[str] = set()
         async for info in self.repo.backend.list("blobs/"):
             present.add(info.key.rsplit("/", 1)[-1])
@@ -166,14 +177,20 @@ class Maintenance:
         return VerifyReport(len(refs), len(users), len(to_hash), tuple(problems))
 
     async def stats(self) -> StoreStats:
-        manifests = await self.repo.read_manifests(await self.repo.list_manifests())
         referenced: dict[str, int] = {}
-        for m in manifests:
-            referenced.update(m.blobs)
-        stored = 0
-        blobs = 0
-        unreferenced = 0
-        unreferenced_bytes = 0
+        keys: set[str] = set()
+        logical = 0
+        checkpoints = 0
+
+        def count(ref: ManifestRef, m: Manifest) -> None:
+            nonlocal logical, checkpoints
+            checkpoints += 1
+            keys.add(m.key)
+            logical += int(m.stats.get("total_bytes", 0))
+            referenced.update((sys.intern(b), size) for b, size in m.blobs)
+
+        await self.repo.each_manifest(await self.repo.list_manifests(), count)
+        stored = blobs = unreferenced = unreferenced_bytes = 0
         async for info in self.repo.backend.list("blobs/"):
             blobs += 1
             stored += info.size
@@ -181,9 +198,9 @@ class Maintenance:
                 unreferenced += 1
                 unreferenced_bytes += info.size
         return StoreStats(
-            keys=len({m.key for m in manifests}),
-            checkpoints=len(manifests),
-            logical_bytes=sum(int(m.stats.get("total_bytes", 0)) for m in manifests),
+            keys=len(keys),
+            checkpoints=checkpoints,
+            logical_bytes=logical,
             unique_bytes=sum(referenced.values()),
             stored_bytes=stored,
             blobs=blobs,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import anyio
@@ -129,23 +130,31 @@ class Repository:
             raise IntegrityError(f"manifest {ref.object_key} does not match its name")
         return manifest
 
-    async def read_manifests(self, refs: list[ManifestRef]) -> list[Manifest]:
-        """Read manifests concurrently, in the order given; ones deleted since they
-        were listed (expired by a gc) are left out."""
-        manifests: list[Manifest | None] = [None] * len(refs)
+    async def each_manifest(
+        self, refs: Iterable[ManifestRef], use: Callable[[ManifestRef, Manifest], None]
+    ) -> None:
+        """Read manifests concurrently and hand each to ``use`` as it arrives, without
+        keeping them: store-wide scans stay small however many checkpoints there are.
+        Manifests deleted since they were listed (expired by a gc) are skipped."""
         limiter = anyio.Semaphore(32)
 
-        async def read(i: int, ref: ManifestRef) -> None:
+        async def read(ref: ManifestRef) -> None:
             async with limiter:
                 try:
-                    manifests[i] = await self.read_manifest(ref)
+                    manifest = await self.read_manifest(ref)
                 except CheckpointNotFoundError:
-                    pass
+                    return
+            use(ref, manifest)
 
         async with task_group() as tg:
-            for i, ref in enumerate(refs):
-                tg.start_soon(read, i, ref)
-        return [m for m in manifests if m is not None]
+            for ref in refs:
+                tg.start_soon(read, ref)
+
+    async def read_manifests(self, refs: list[ManifestRef]) -> list[Manifest]:
+        """Read manifests, in the order given, leaving out deleted ones."""
+        found: dict[str, Manifest] = {}
+        await self.each_manifest(refs, lambda ref, m: found.__setitem__(ref.id, m))
+        return [found[r.id] for r in refs if r.id in found]
 
     async def find_manifest(self, checkpoint_id: str, key: str | None = None) -> ManifestRef:
         for ref in await self.list_manifests(key):

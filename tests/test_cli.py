@@ -144,3 +144,20 @@ def test_pinned_checkpoints_survive_retention(tmp_path: Path) -> None:
     assert _run("gc", url, "--keep-last", "1", "--grace", "0s", "--yes").returncode == 0
     assert [c["id"] for c in json.loads(_run("ls", url, "--json").stdout)] == [ids[0], ids[2]]
     assert _run("pin", url, "ffffffffffffffff").returncode == 1
+
+
+def test_verify_names_a_corrupt_manifest_and_checks_the_others(tmp_path: Path) -> None:
+    url = (tmp_path / "store").as_uri()
+    ids = []
+    for step in range(3):
+        src = tmp_path / f"s{step}"
+        src.mkdir()
+        (src / "f").write_bytes(os.urandom(1000))
+        ids.append(json.loads(_run("save", str(src), "--store", url, "--json").stdout)["id"])
+    victim = next((tmp_path / "store" / "manifests").rglob(f"*{ids[1]}"))
+    victim.write_bytes(victim.read_bytes()[:-7] + b"garbage")
+    result = _run("verify", url, "--json")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["checkpoints"] == 3
+    assert [p["checkpoint_id"] for p in report["problems"]] == [ids[1]]
