@@ -309,12 +309,6 @@ async def test_slow_requests_still_give_a_correct_checkpoint(
     assert snapshot(out) == snapshot(src)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): a blob whose put landed but whose response was lost is not "
-    "counted in new_bytes/uploaded_bytes (castore/_save.py _upload counts only puts "
-    "that return True; the retried put_if_absent returns False)",
-)
 async def test_lost_put_response_still_counts_the_blob_as_new(
     s3_server: S3Server, s3_url: str, tmp_path: Path
 ) -> None:

@@ -22,8 +22,8 @@ class RetryBackend(BackendWrapper):
     """Retries transient failures (StorageUnavailableError) with capped exponential
     backoff and jitter, at most ``attempts`` tries per call. Permanent errors and
     cancellation pass through at once. Every operation is safe to repeat: blobs are
-    content-addressed, and a put_if_absent whose first try landed reports False on
-    the retry, which callers treat as "the object exists".
+    content-addressed, and a put_if_absent retried after a try whose answer was lost
+    reads the object back to tell whether that try created it.
     """
 
     def __init__(
@@ -66,7 +66,22 @@ class RetryBackend(BackendWrapper):
         await self._retry(lambda: self.inner.put(key, data))
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
-        return await self._retry(lambda: self.inner.put_if_absent(key, data))
+        failed_before = False
+
+        async def attempt() -> bool:
+            nonlocal failed_before
+            try:
+                created = await self.inner.put_if_absent(key, data)
+            except StorageUnavailableError:
+                failed_before = True
+                raise
+            if not created and failed_before:
+                # A failed try may have landed with its answer lost: if what is there
+                # is exactly what we sent, this call created it.
+                return await self.inner.get(key) == data
+            return created
+
+        return await self._retry(attempt)
 
     async def delete(self, key: str) -> None:
         await self._retry(lambda: self.inner.delete(key))
