@@ -79,9 +79,21 @@ def map_obstore_errors(key: str) -> Iterator[None]:
             target = next((t for source, t in _ERROR_MAP if isinstance(exc, source)), None)
         if target is None:
             raise
-        text = str(exc).strip()
-        message = text.splitlines()[0] if text else type(exc).__name__
-        raise target(f"{key!r}: {message}") from exc
+        raise target(f"{key!r}: {_summary(exc)}") from exc
+
+
+_S3_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
+
+
+def _summary(exc: BaseException) -> str:
+    """One line: the first line of obstore's message, plus the S3 error code, which
+    sits in an XML body on later lines (InvalidAccessKeyId, NoSuchBucket…)."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0].removesuffix('<?xml version="1.0" encoding="UTF-8"?>').strip()
+    code = _S3_CODE.search(text)
+    return f"{line} [{code.group(1)}]" if code and code.group(1) not in line else line
 
 
 class ObstoreBackend(Backend):
