@@ -23,7 +23,6 @@ from ._gcguard import CLAIM_TTL, COMMIT_WINDOW, SWEEP_TTL
 from ._gcstate import CandidateRecord, GcState
 from ._manifest import Manifest
 from ._repository import ManifestRef, Repository, blob_key
-from ._taskgroup import task_group
 
 __all__ = ["GcPlan", "GcReport", "RetentionPolicy", "plan_gc"]
 
@@ -263,7 +262,7 @@ async def _sweep(
         if deletable:
             # Writers whose stat cache predates this marker re-check their blobs.
             await state.bump_generation(clock.now())
-        for batch in _batches(sorted(deletable), 256):
+        for batch in _batches(sorted(deletable), 1000):
             if clock.now() - started > SWEEP_TTL / 2:
                 complete = False
                 break
@@ -294,15 +293,7 @@ def _batches(items: list[str], size: int) -> list[list[str]]:
 
 
 async def _delete_blobs(repo: Repository, batch: list[str]) -> None:
-    limiter = anyio.Semaphore(32)
-
-    async def delete(blob_id: str) -> None:
-        async with limiter:
-            await repo.backend.delete(blob_key(blob_id))
-
-    async with task_group() as tg:
-        for blob_id in batch:
-            tg.start_soon(delete, blob_id)
+    await repo.backend.delete_many([blob_key(b) for b in batch])
 
 
 async def _list_blobs(repo: Repository) -> dict[str, _BlobInfo]:

@@ -50,6 +50,11 @@ class ClockedBackend(BackendWrapper):
         await self.inner.delete(key)
         self.times.pop(key, None)
 
+    async def delete_many(self, keys: list[str]) -> None:
+        await self.inner.delete_many(keys)
+        for key in keys:
+            self.times.pop(key, None)
+
     def _fix(self, info: ObjectInfo) -> ObjectInfo:
         return ObjectInfo(info.key, info.size, self.times.get(info.key, info.modified))
 
@@ -104,6 +109,10 @@ class FailNthDelete(BackendWrapper):
         super().__init__(inner)
         self.nth = nth
         self.deletes = 0
+
+    async def delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            await self.delete(key)
 
     async def delete(self, key: str) -> None:
         self.deletes += 1

@@ -313,3 +313,12 @@ async def test_s3_outage_is_unavailable_and_restart_keeps_data(
     # The same client reconnects to the restarted server, which kept the data.
     assert await backend.get("blobs/ab/k") == b"before the outage"
     assert await backend.put_if_absent("blobs/ab/k", b"again") is False
+
+
+@pytest.mark.anyio
+async def test_delete_many_removes_every_key_and_ignores_missing(backend: Backend) -> None:
+    keys = [f"bulk/{i:04d}" for i in range(1500)]
+    for key in keys[:20]:
+        await backend.put(key, b"x")
+    await backend.delete_many(keys)
+    assert [info.key async for info in backend.list("bulk/")] == []

@@ -352,3 +352,18 @@ async def test_wrong_credentials_are_a_permission_error_on_every_operation(
     assert recorder.calls["list"] == 1
     with pytest.raises(castore.StoragePermissionError):
         await store.load(tmp_path / "o")
+
+
+def test_endpoint_and_credentials_from_the_environment(
+    s3_server: S3Server, s3_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    options = s3_server.options
+    monkeypatch.setenv("AWS_ENDPOINT", str(options["endpoint"]))
+    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+    monkeypatch.setenv("AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "false")
+    monkeypatch.setenv("AWS_REGION", str(options["region"]))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", str(options["access_key_id"]))
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", str(options["secret_access_key"]))
+    store = castore.CheckpointStore(s3_url, key="env", cache_dir=tmp_path / "c")
+    store.write_sync(b"configured by the environment")
+    assert store.read_sync() == b"configured by the environment"

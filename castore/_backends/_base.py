@@ -60,6 +60,12 @@ class Backend(abc.ABC):
     async def delete(self, key: str) -> None:
         """Remove the object; silently nothing if it does not exist."""
 
+    async def delete_many(self, keys: list[str]) -> None:
+        """Delete several objects (missing ones are no-ops). Stores with a bulk delete
+        do it in a few requests; the default deletes one by one."""
+        for key in keys:
+            await self.delete(key)
+
     @abc.abstractmethod
     def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         """Every object whose key starts with ``prefix``."""
@@ -100,6 +106,9 @@ class BackendWrapper(Backend):
 
     async def delete(self, key: str) -> None:
         await self.inner.delete(key)
+
+    async def delete_many(self, keys: list[str]) -> None:
+        await self.inner.delete_many(keys)
 
     def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         return self.inner.list(prefix)

@@ -132,6 +132,13 @@ class LocalBackend(Backend):
             except FileNotFoundError:
                 pass
 
+    async def delete_many(self, keys: list[str]) -> None:
+        def delete_all() -> None:
+            for key in keys:
+                self._delete_sync(key)
+
+        await anyio.to_thread.run_sync(delete_all)
+
     async def head(self, key: str) -> ObjectInfo | None:
         return await anyio.to_thread.run_sync(self._head_sync, key)
 

@@ -114,12 +114,11 @@ def _remote(url: str, options: dict[str, Any]) -> Backend:
     }
     with map_obstore_errors(url):
         try:
-            store = from_url(
-                url,
-                client_options=cast(Any, client),
-                retry_config=retry_config,
-                **options,
-            )
+            # Only pass client options that were given: an empty dict would make obstore
+            # ignore the client settings in the environment (AWS_ALLOW_HTTP, …).
+            if client:
+                options["client_options"] = cast(Any, client)
+            store = from_url(url, retry_config=retry_config, **options)
         except (ValueError, TypeError) as exc:
             raise InvalidURLError(f"cannot open {url!r}: {exc}") from exc
     return RetryBackend(ObstoreBackend(store, url), attempts=attempts)

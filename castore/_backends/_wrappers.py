@@ -86,6 +86,9 @@ class RetryBackend(BackendWrapper):
     async def delete(self, key: str) -> None:
         await self._retry(lambda: self.inner.delete(key))
 
+    async def delete_many(self, keys: list[str]) -> None:
+        await self._retry(lambda: self.inner.delete_many(keys))
+
     async def head(self, key: str) -> ObjectInfo | None:
         return await self._retry(lambda: self.inner.head(key))
 
@@ -166,6 +169,10 @@ class FaultBackend(BackendWrapper):
     async def delete(self, key: str) -> None:
         await self._before("delete", key)
         await self.inner.delete(key)
+
+    async def delete_many(self, keys: list[str]) -> None:
+        for key in keys:  # one by one, so faults can strike between deletes
+            await self.delete(key)
 
     async def head(self, key: str) -> ObjectInfo | None:
         await self._before("head", key)
