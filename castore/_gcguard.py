@@ -22,7 +22,7 @@ from ._clock import Clock
 from ._errors import CastoreError
 from ._gcstate import GcSnapshot, GcState
 from ._repository import blob_key
-from ._taskgroup import task_group
+from ._taskgroup import for_each
 
 __all__ = ["CLAIM_TTL", "COMMIT_WINDOW", "SWEEP_TTL", "GcConflict", "guard_commit"]
 
@@ -99,14 +99,10 @@ async def _missing(backend: Backend, blobs: set[str]) -> list[str]:
         present = {info.key.rsplit("/", 1)[-1] async for info in backend.list("blobs/")}
         return sorted(blobs - present)
     missing: list[str] = []
-    limiter = anyio.Semaphore(32)
 
     async def check(blob_id: str) -> None:
-        async with limiter:
-            if await backend.head(blob_key(blob_id)) is None:
-                missing.append(blob_id)
+        if await backend.head(blob_key(blob_id)) is None:
+            missing.append(blob_id)
 
-    async with task_group() as tg:
-        for blob_id in blobs:
-            tg.start_soon(check, blob_id)
+    await for_each(blobs, check, limit=32)
     return missing

@@ -12,8 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
-
 from ._backends import open_backend
 from ._clock import Clock, SystemClock
 from ._errors import IntegrityError
@@ -23,7 +21,7 @@ from ._manifest import Manifest, checkpoint_info
 from ._repository import ManifestRef, Repository
 from ._store import default_cache_dir
 from ._sync import run_sync
-from ._taskgroup import task_group
+from ._taskgroup import for_each
 from ._types import CheckpointInfo
 
 __all__ = ["Maintenance", "StoreStats", "VerifyProblem", "VerifyReport"]
@@ -157,22 +155,16 @@ class Maintenance:
         to_hash = [b for b in users if b in present]
         if not full:
             to_hash = random.sample(to_hash, round(len(to_hash) * sample)) if sample > 0 else []
-        limiter = anyio.Semaphore(8)
 
         async def rehash(blob_id: str) -> None:
-            async with limiter:
-                try:
-                    await self.repo.get_blob(blob_id)
-                except IntegrityError as exc:
-                    problems.extend(
-                        VerifyProblem(cid, key, str(exc)) for cid, key in users[blob_id]
-                    )
+            try:
+                await self.repo.get_blob(blob_id)
+            except IntegrityError as exc:
+                problems.extend(VerifyProblem(cid, key, str(exc)) for cid, key in users[blob_id])
             if progress is not None:
                 progress(1)
 
-        async with task_group() as tg:
-            for blob_id in to_hash:
-                tg.start_soon(rehash, blob_id)
+        await for_each(to_hash, rehash, limit=8)
         problems.sort(key=lambda p: (p.key, p.checkpoint_id, p.message))
         return VerifyReport(len(refs), len(users), len(to_hash), tuple(problems))
 

@@ -25,7 +25,7 @@ from ._backends import Backend, BlockingAccess
 from ._codec import decode_blob
 from ._errors import CheckpointNotFoundError, IntegrityError, ObjectNotFoundError
 from ._manifest import Manifest, decode_manifest, encode_manifest, validate_key
-from ._taskgroup import task_group
+from ._taskgroup import for_each
 
 __all__ = ["BlockingBlobs", "ManifestRef", "Repository", "blob_key"]
 
@@ -136,19 +136,15 @@ class Repository:
         """Read manifests concurrently and hand each to ``use`` as it arrives, without
         keeping them: store-wide scans stay small however many checkpoints there are.
         Manifests deleted since they were listed (expired by a gc) are skipped."""
-        limiter = anyio.Semaphore(32)
 
         async def read(ref: ManifestRef) -> None:
-            async with limiter:
-                try:
-                    manifest = await self.read_manifest(ref)
-                except CheckpointNotFoundError:
-                    return
+            try:
+                manifest = await self.read_manifest(ref)
+            except CheckpointNotFoundError:
+                return
             use(ref, manifest)
 
-        async with task_group() as tg:
-            for ref in refs:
-                tg.start_soon(read, ref)
+        await for_each(refs, read, limit=32)
 
     async def read_manifests(self, refs: list[ManifestRef]) -> list[Manifest]:
         """Read manifests, in the order given, leaving out deleted ones."""

@@ -9,8 +9,9 @@ else (the first in each class).
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -20,7 +21,9 @@ from ._errors import CastoreError
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-__all__ = ["task_group"]
+__all__ = ["for_each", "task_group"]
+
+T = TypeVar("T")
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -53,3 +56,20 @@ async def task_group() -> AsyncIterator[TaskGroup]:
         chosen = _most_meaningful(leaves)
         # Keep the leaf's own cause (say, the obstore error behind a StorageError).
         raise chosen from chosen.__cause__
+
+
+async def for_each(items: Iterable[T], action: Callable[[T], Awaitable[None]], limit: int) -> None:
+    """Run ``action`` on every item, at most ``limit`` at a time. Tasks are started only
+    as slots free up, so a million items never become a million pending tasks."""
+    slots = anyio.Semaphore(limit)
+
+    async def run(item: T) -> None:
+        try:
+            await action(item)
+        finally:
+            slots.release()
+
+    async with task_group() as tg:
+        for item in items:
+            await slots.acquire()
+            tg.start_soon(run, item)
