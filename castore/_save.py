@@ -37,7 +37,8 @@ __all__ = ["SaveOptions", "SavePipeline", "SaveResult"]
 @dataclass(frozen=True)
 class SaveOptions:
     chunks: ChunkParams = field(default_factory=ChunkParams)
-    compression_level: int = 3
+    compression_level: int = 1
+    """zstd level; 0 stores raw. Level 1 is measured best: see docs/performance.md."""
     small_file_limit: int = 256 * 1024
     """Files smaller than this are packed together into bundle blobs."""
     bundle_size: int = 1024 * 1024
