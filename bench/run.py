@@ -88,6 +88,7 @@ class Measured:
     user_s: float
     sys_s: float
     maxrss_kib: int
+    other_cpu_s: float
     stdout: str
 
 
@@ -123,10 +124,15 @@ def run_timed(cmd: Command, env: dict[str, str], log_stem: Path) -> Measured:
     err_path = log_stem.with_suffix(".err")
     usage_path = log_stem.with_suffix(".rusage.json")
     argv = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(usage_path), *cmd.argv]
+    # Flush what earlier runs left dirty (a restore writes 1x the checkpoint), so no run
+    # pays for another's writeback. Not timed.
+    os.sync()
+    busy_before = busy_cpu_seconds()
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.run(
             argv, cwd=cmd.cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err
         )
+    busy = busy_cpu_seconds() - busy_before
     if proc.returncode != 0:
         tail = err_path.read_text(errors="replace")[-2000:]
         raise BenchError(f"{cmd.display()} exited {proc.returncode}:\n{tail}")
@@ -136,8 +142,23 @@ def run_timed(cmd: Command, env: dict[str, str], log_stem: Path) -> Measured:
         user_s=usage["user"],
         sys_s=usage["sys"],
         maxrss_kib=usage["maxrss"],
+        other_cpu_s=max(0.0, busy - usage["user"] - usage["sys"]),
         stdout=out_path.read_text(errors="replace"),
     )
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy since boot (``/proc/stat``).
+
+    Around a timed run, the increase minus the run's own CPU time is what other
+    processes (and the launcher) took meanwhile: a measure of interference.
+    """
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def run_untimed(argv: Sequence[str], env: dict[str, str], cwd: Path | None = None) -> str:
@@ -383,6 +404,7 @@ class Sample:
     user_s: float
     sys_s: float
     maxrss_kib: int
+    other_cpu_s: float
     inproc_s: float | None = None
     stored_bytes: int | None = None
     stored_allocated: int | None = None
@@ -427,7 +449,7 @@ class RepContext:
     rep: int
     settle_s: float
     ws: Workspace
-    verbose: bool
+    verbose: bool = True
     samples: list[Sample] = field(default_factory=list)
     last_write: float = 0.0
 
@@ -457,6 +479,7 @@ class RepContext:
             m.user_s,
             m.sys_s,
             m.maxrss_kib,
+            m.other_cpu_s,
             inproc_s=s.inproc_seconds(m.stdout) if s.reports_inproc else None,
         )
         self.samples.append(sample)
@@ -756,14 +779,51 @@ def render(report: dict[str, Any], systems: list[System], unavailable: dict[str,
     ]
     lines += _table(["", ""], ([k, v] for k, v in meta["machine"].items()))
     if meta.get("castore_changed_during_run"):
-        lines += ["**Warning: castore's sources changed during this run.**", ""]
+        lines += _sources_warning(meta)
     for variant in meta["variants"]:
         info = WorkloadInfo(**report["workloads"][variant])
         lines += variant_section(
             variant, report["summary"].get(variant, {}), systems, unavailable, info
         )
+        lines += _interference(variant, report["samples"])
     lines += _notes()
     return "\n".join(lines)
+
+
+def _sources_warning(meta: dict[str, Any]) -> list[str]:
+    reps = meta["repetitions"]
+    per_rep = ", ".join(f"{r['variant']} {r['rep'] + 1}: {r['castore_sources'][:8]}" for r in reps)
+    versions: dict[str, set[str]] = {}
+    for r in reps:
+        versions.setdefault(r["variant"], set()).add(r["castore_sources"])
+    one_each = all(len(v) == 1 for v in versions.values())
+    scope = (
+        "each variant's repetitions ran one version, so each table is consistent, but "
+        "compare castore across variants with care"
+        if one_each
+        else "some tables mix library versions"
+    )
+    return [
+        "**Warning: castore's sources changed during this run** (digest at the start of "
+        f"each repetition: {per_rep}; at the end: {meta['castore_sources_at_end'][:8]}): "
+        f"{scope}.",
+        "",
+    ]
+
+
+def _interference(variant: str, samples: list[dict[str, Any]]) -> list[str]:
+    """How much CPU other processes took while this variant's runs were timed."""
+    own = [s for s in samples if s["variant"] == variant]
+    if not own:
+        return []
+    worst = max(own, key=lambda s: s["other_cpu_s"])
+    med = statistics.median(s["other_cpu_s"] for s in own)
+    return [
+        f"Interference: while a run was timed, other processes used a median "
+        f"{med:.2f} CPU s (most: {worst['other_cpu_s']:.2f} s, during {worst['system']} / "
+        f"{worst['phase']} / repetition {worst['rep'] + 1}; the launcher itself takes ~0.02 s).",
+        "",
+    ]
 
 
 def _notes() -> list[str]:
@@ -849,42 +909,58 @@ def warm_up(env: dict[str, str]) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    systems, unavailable = select_systems(args)
-    runnable = [s for s in systems if s.label not in unavailable]
-    base_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("CASTORE_", "RESTIC_", "BORG_"))
-    }
-    warm_up(base_env)
-    source_digest = castore_source_digest()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="castore-bench-", dir="/var/tmp"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    samples: list[Sample] = []
-    workloads: dict[str, WorkloadInfo] = {}
-    ok = False
-    try:
-        for variant in args.variants:
-            info = workloads.setdefault(variant, WorkloadInfo())
-            for rep in range(args.reps):
-                if not args.quiet:
-                    print(f"{variant} rep {rep + 1}/{args.reps}", flush=True)
-                root = workdir / f"{variant}-rep{rep}"
-                ws = Workspace(root, runnable, base_env)
-                ctx = RepContext(variant, args.scale, rep, args.settle, ws, not args.quiet)
-                run_rep(ctx, info)
-                samples += ctx.samples
-                shutil.rmtree(root)
-        ok = True
-    finally:
-        if args.keep or not ok:
-            print(f"scratch space kept at {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+def _loadavg() -> str:
+    with contextlib.suppress(OSError):
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    return "unknown"
 
-    json_path = args.out.with_suffix(".json")
-    report: dict[str, Any] = {
+
+@dataclass
+class RunResult:
+    samples: list[Sample] = field(default_factory=list)
+    workloads: dict[str, WorkloadInfo] = field(default_factory=dict)
+    reps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_all(
+    args: argparse.Namespace, systems: list[System], base_env: dict[str, str], workdir: Path
+) -> RunResult:
+    result = RunResult()
+    for variant in args.variants:
+        info = result.workloads.setdefault(variant, WorkloadInfo())
+        for rep in range(args.reps):
+            if not args.quiet:
+                print(f"{variant} rep {rep + 1}/{args.reps}", flush=True)
+            result.reps.append(
+                {
+                    "variant": variant,
+                    "rep": rep,
+                    "castore_sources": castore_source_digest(),
+                    "loadavg_before": _loadavg(),
+                }
+            )
+            root = workdir / f"{variant}-rep{rep}"
+            ctx = RepContext(
+                variant, args.scale, rep, args.settle, Workspace(root, systems, base_env)
+            )
+            ctx.verbose = not args.quiet
+            run_rep(ctx, info)
+            result.samples += ctx.samples
+            shutil.rmtree(root)
+    return result
+
+
+def build_report(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    systems: list[System],
+    unavailable: dict[str, str],
+    result: RunResult,
+    duration: float,
+    workdir: Path,
+) -> dict[str, Any]:
+    digests = [r["castore_sources"] for r in result.reps] + [castore_source_digest()]
+    return {
         "meta": {
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "command": shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv),
@@ -895,22 +971,46 @@ def main(argv: list[str] | None = None) -> int:
             "variants": args.variants,
             "systems": [s.label for s in systems],
             "unavailable": unavailable,
-            "duration_s": time.perf_counter() - started,
-            "json": _display_path(json_path),
-            "machine": machine(workdir.parent),
-            "castore_changed_during_run": castore_source_digest() != source_digest,
+            "duration_s": duration,
+            "json": _display_path(args.out.with_suffix(".json")),
+            "machine": machine(workdir),
+            "castore_changed_during_run": len(set(digests)) > 1,
+            "castore_sources_at_end": digests[-1],
+            "repetitions": result.reps,
         },
-        "workloads": {v: asdict(i) for v, i in workloads.items()},
-        "summary": summarize(samples),
-        "samples": [asdict(s) for s in samples],
+        "workloads": {v: asdict(i) for v, i in result.workloads.items()},
+        "summary": summarize(result.samples),
+        "samples": [asdict(s) for s in result.samples],
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    systems, unavailable = select_systems(args)
+    runnable = [s for s in systems if s.label not in unavailable]
+    base_env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("CASTORE_", "RESTIC_", "BORG_"))
+    }
+    warm_up(base_env)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="castore-bench-", dir="/var/tmp"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    ok = False
+    try:
+        result = run_all(args, runnable, base_env, workdir)
+        ok = True
+    finally:
+        if args.keep or not ok:
+            print(f"scratch space kept at {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    duration = time.perf_counter() - started
+    report = build_report(args, argv, systems, unavailable, result, duration, workdir.parent)
+    json_path = args.out.with_suffix(".json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=1) + "\n")
     args.out.write_text(render(report, systems, unavailable))
-    print(
-        f"wrote {_display_path(args.out)} and {_display_path(json_path)} "
-        f"in {report['meta']['duration_s']:.0f} s"
-    )
+    print(f"wrote {_display_path(args.out)} and {_display_path(json_path)} in {duration:.0f} s")
     return 0
 
 
