@@ -63,7 +63,6 @@ class SaveResult:
     total_bytes: int = 0
     new_bytes: int = 0
     uploaded_bytes: int = 0
-    skipped: list[str] = field(default_factory=list)
 
 
 @dataclass

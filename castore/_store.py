@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import functools
+import logging
 import os
 import secrets
 import sys
@@ -34,6 +35,8 @@ from ._sync import run_sync
 from ._types import CheckpointContents, CheckpointInfo, EntryInfo, SourceKind
 
 __all__ = ["CheckpointStore", "default_cache_dir"]
+
+_log = logging.getLogger("castore")
 
 PAYLOAD_NAME = "payload"
 """The file name under which a bytes checkpoint is restored."""
@@ -165,7 +168,14 @@ class CheckpointStore:
             else:
                 scanned, skipped = [await anyio.to_thread.run_sync(scan_file, root)], []
             result = await pipeline.save_entries(scanned)
-            result.skipped = skipped
+            if skipped:
+                shown = ", ".join(skipped[:5]) + (", …" if len(skipped) > 5 else "")
+                _log.warning(
+                    "castore: %d socket(s), FIFO(s) or device(s) under %s not saved: %s",
+                    len(skipped),
+                    root,
+                    shown,
+                )
 
         await self.repo.backend.flush()
         seq = refs[-1].seq + 1 if refs else 1

@@ -296,3 +296,17 @@ async def test_restore_over_a_previous_state_fetches_only_what_changed(tmp_path:
     total_blobs = (await store.inspect()).chunks
     # The changed shard and the damaged chunk came from the store, the rest from dest.
     assert 1 < manifest_and_blobs < total_blobs // 2
+
+
+async def test_special_files_are_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = _tree(tmp_path / "src")
+    os.mkfifo(src / "pipe")
+    store = _store((tmp_path / "store").as_uri(), tmp_path)
+    with caplog.at_level("WARNING", logger="castore"):
+        info = await store.save(src)
+    assert info.files == 2
+    assert "pipe" in caplog.text and "not saved" in caplog.text
+    out = await store.load(tmp_path / "out")
+    assert out is not None and not (out / "pipe").exists()
