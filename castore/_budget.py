@@ -24,10 +24,6 @@ class ByteBudget:
         self._available = capacity
         self._waiters: deque[tuple[int, anyio.Event]] = deque()
 
-    @property
-    def in_use(self) -> int:
-        return self.capacity - self._available
-
     async def acquire(self, amount: int) -> int:
         amount = max(0, min(amount, self.capacity))
         if not self._waiters and self._available >= amount:

@@ -17,11 +17,10 @@ from collections.abc import Iterable
 
 import anyio
 
-from ._backends import Backend
 from ._clock import Clock
 from ._errors import CastoreError
 from ._gcstate import GcSnapshot, GcState
-from ._repository import blob_key
+from ._repository import Repository, blob_key
 from ._taskgroup import for_each
 
 __all__ = ["CLAIM_TTL", "COMMIT_WINDOW", "SWEEP_TTL", "GcConflict", "guard_commit"]
@@ -41,7 +40,7 @@ class GcConflict(CastoreError):
 
 async def guard_commit(
     state: GcState,
-    backend: Backend,
+    repo: Repository,
     checkpoint_id: str,
     blobs: Iterable[str],
     at_start: GcSnapshot,
@@ -68,7 +67,7 @@ async def guard_commit(
         claim = await state.write_claim(checkpoint_id, clock.now(), at_risk)
         try:
             await _wait_for_sweeps(state, clock)
-            missing = await _missing(backend, at_risk)
+            missing = await _missing(repo, at_risk)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await state.delete_claim(claim)
@@ -94,14 +93,13 @@ _HEAD_LIMIT = 1000
 """Above this many blobs to check, one listing of ``blobs/`` is cheaper than heads."""
 
 
-async def _missing(backend: Backend, blobs: set[str]) -> list[str]:
+async def _missing(repo: Repository, blobs: set[str]) -> list[str]:
     if len(blobs) > _HEAD_LIMIT:
-        present = {info.key.rsplit("/", 1)[-1] async for info in backend.list("blobs/")}
-        return sorted(blobs - present)
+        return sorted(blobs - await repo.existing_blobs())
     missing: list[str] = []
 
     async def check(blob_id: str) -> None:
-        if await backend.head(blob_key(blob_id)) is None:
+        if await repo.backend.head(blob_key(blob_id)) is None:
             missing.append(blob_id)
 
     await for_each(blobs, check, limit=32)

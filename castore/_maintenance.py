@@ -144,9 +144,7 @@ class Maintenance:
                     note(ref, await self.repo.read_manifest(ref))
                 except IntegrityError as exc:
                     problems.append(VerifyProblem(ref.id, ref.key, f"manifest: {exc}"))
-        present: set[str] = set()
-        async for info in self.repo.backend.list("blobs/"):
-            present.add(info.key.rsplit("/", 1)[-1])
+        present = await self.repo.existing_blobs()
         for blob_id, who in users.items():
             if blob_id not in present:
                 problems += [

@@ -182,7 +182,7 @@ class CheckpointStore:
         manifest = self._manifest(kind, seq, result, meta, pin, time.perf_counter() - started)
         claim = await guard_commit(
             self._gc_state,
-            self.repo.backend,
+            self.repo,
             manifest.id,
             (b for b, _ in manifest.blobs),
             at_start=gc_at_start,

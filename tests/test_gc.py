@@ -191,7 +191,7 @@ async def test_gc_killed_at_any_request_leaves_a_loadable_store(tmp_path: Path) 
             _tree(src, seed)
             await w.writer.save(src)
         w.clock.advance(GRACE + 1)
-        await w.run_gc(keep_last=2, grace=0)  # leave marked garbage from a first pass
+        await w.run_gc(keep_last=2, grace=0)  # a first run, so the store holds gc state
         _tree(src, 9)
         await w.writer.save(src)
         w.clock.advance(GRACE + 1)
