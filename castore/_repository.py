@@ -98,7 +98,7 @@ class Repository:
         except ObjectNotFoundError as exc:
             raise IntegrityError(f"blob {blob_id} is missing from the store") from exc
 
-    async def get_blob(self, blob_id: str) -> bytes:
+    async def get_blob(self, blob_id: str) -> bytearray:
         """A blob's raw chunk, verified against its id."""
         encoded = await self.get_blob_encoded(blob_id)
         return await anyio.to_thread.run_sync(decode_blob, blob_id, encoded)
@@ -181,9 +181,10 @@ class BlockingBlobs:
     def put_blob(self, blob_id: str, blob: bytes) -> bool:
         return self._access.put_if_absent(blob_key(blob_id), blob)
 
-    def get_blob_encoded(self, blob_id: str) -> bytes:
+    def get_blob_encoded_into(self, blob_id: str, buffer: bytearray) -> memoryview:
+        """The stored bytes of a blob, unverified, read into ``buffer`` if they fit."""
         try:
-            return self._access.get(blob_key(blob_id))
+            return self._access.get_into(blob_key(blob_id), buffer)
         except ObjectNotFoundError as exc:
             raise IntegrityError(f"blob {blob_id} is missing from the store") from exc
 

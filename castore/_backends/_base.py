@@ -29,7 +29,10 @@ class BlockingAccess(Protocol):
     """Blocking calls a backend may offer for use inside worker threads, so that a
     pipeline stores or fetches a chunk in the same thread hop that hashes it."""
 
-    def get(self, key: str) -> bytes: ...
+    def get_into(self, key: str, buffer: bytearray) -> memoryview:
+        """The object's bytes, read into ``buffer`` when they fit (a view of it),
+        into a new buffer otherwise."""
+        ...
 
     def put_if_absent(self, key: str, data: bytes) -> bool: ...
 

@@ -55,6 +55,20 @@ class LocalBackend(Backend):
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         return await anyio.to_thread.run_sync(self._get_range_sync, key, start, end)
 
+    def _get_into_sync(self, key: str, buffer: bytearray) -> memoryview:
+        with _mapped_errors(key), open(self._path(key), "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > len(buffer):
+                return memoryview(f.read())
+            view = memoryview(buffer)[:size]
+            filled = 0
+            while filled < size:
+                got = f.readinto(view[filled:])
+                if not got:
+                    break
+                filled += got
+            return view[:filled]
+
     def _get_range_sync(self, key: str, start: int, end: int) -> bytes:
         with _mapped_errors(key), open(self._path(key), "rb") as f:
             f.seek(start)
@@ -179,8 +193,8 @@ class _LocalBlocking:
     def __init__(self, backend: LocalBackend) -> None:
         self._backend = backend
 
-    def get(self, key: str) -> bytes:
-        return self._backend._get_sync(key)
+    def get_into(self, key: str, buffer: bytearray) -> memoryview:
+        return self._backend._get_into_sync(key, buffer)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         return self._backend._put_sync(key, data, True)
