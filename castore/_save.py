@@ -93,7 +93,9 @@ class SavePipeline:
         self._cpu = anyio.CapacityLimiter(
             options.workers * 2 if self._blocking else options.workers
         )
-        self._reader = anyio.CapacityLimiter(1)
+        # Content-defined cutting is sequential within a file but releases the GIL:
+        # large files are read and cut ``workers`` at a time.
+        self._readers = anyio.Semaphore(options.workers)
         self._budget = ByteBudget(options.max_bytes_in_flight)
         segment = max(options.read_segment, 2 * options.chunks.max_size)
         self._pool = BufferPool(
@@ -135,7 +137,8 @@ class SavePipeline:
                 granted = await self._budget.acquire(sum(w.entry.size for w in bundle))
                 tg.start_soon(self._save_bundle, bundle, granted)
             for w in large:
-                await self._save_large(tg, w)
+                await self._readers.acquire()
+                tg.start_soon(self._save_large, tg, w)
 
         if self.cache is not None:
             for w in work:
@@ -188,15 +191,24 @@ class SavePipeline:
         return self._encode(b"".join(pieces)), extents
 
     async def _save_large(self, tg: TaskGroup, w: _FileWork) -> None:
-        chunker = FileChunker(w.entry.abspath, self.options.chunks, self._pool)
+        """Read and cut one file, handing its batches of chunks to ``tg``; holds one of
+        the ``_readers`` slots, acquired by the caller."""
         try:
-            while not chunker.done:
-                # Budget first: the read itself takes a pool buffer of about a segment.
-                granted = await self._budget.acquire(self._pool.size)
-                batch = await anyio.to_thread.run_sync(chunker.next_batch, limiter=self._reader)
-                self._start_batch(tg, w.parts, batch.chunks, granted, batch.buffer)
+            chunker = FileChunker(w.entry.abspath, self.options.chunks, self._pool)
+            try:
+                while not chunker.done:
+                    # Budget first: the read itself takes a pool buffer of about a segment.
+                    granted = await self._budget.acquire(self._pool.size)
+                    try:
+                        batch = await anyio.to_thread.run_sync(chunker.next_batch)
+                    except BaseException:
+                        self._budget.release(granted)
+                        raise
+                    self._start_batch(tg, w.parts, batch.chunks, granted, batch.buffer)
+            finally:
+                chunker.close()
         finally:
-            chunker.close()
+            self._readers.release()
 
     def _start_batch(
         self,
