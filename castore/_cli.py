@@ -20,8 +20,6 @@ import click
 
 import castore
 
-from ._demo import run_demo, worker
-
 _STORE_HELP = "Store URL (file://…, s3://…, memory://…); default $CASTORE_URL or the user cache."
 
 
@@ -418,6 +416,8 @@ def pin(url: str | None, checkpoint_id: str, remove: bool) -> None:
 @click.option("--worker", "as_worker", is_flag=True, hidden=True)
 def demo(size_mb: int, steps: int, workdir: Path | None, keep: bool, as_worker: bool) -> None:
     """Simulate a training job that is preempted mid-save and resumes with load()."""
+    from ._demo import run_demo, worker
+
     if as_worker:
         assert workdir is not None
         worker(workdir, size_mb, steps, max(2, steps // 2 + 1))

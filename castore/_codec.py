@@ -22,7 +22,6 @@ Pure functions, no I/O: callers run them in worker threads.
 
 from __future__ import annotations
 
-import ctypes
 import struct
 import threading
 from typing import Any
@@ -247,6 +246,8 @@ def _decode_payload(blob_id: str, codec: int, payload: memoryview, out: memoryvi
 def _blosc_decompress_into(blob_id: str, payload: memoryview, out: memoryview) -> int:
     """Decompress a blosc buffer into ``out`` if it holds exactly len(out) bytes;
     returns the size it declares. Validated first: blosc trusts its header."""
+    import ctypes
+
     blosc = _blosc()
     if len(payload) < _BLOSC_HEADER:
         raise IntegrityError(f"blob {blob_id}: truncated blosc header")

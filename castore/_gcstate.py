@@ -13,7 +13,7 @@ with ordinary puts: no locks, no leases that a crashed process could leave held.
 from __future__ import annotations
 
 import json
-import secrets
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -67,7 +67,7 @@ class GcSnapshot:
 
 
 def _stamp(prefix: str, now: float) -> str:
-    return f"{prefix}{int(now * 1000):013d}-{secrets.token_hex(4)}"
+    return f"{prefix}{int(now * 1000):013d}-{os.urandom(4).hex()}"
 
 
 def _stamp_time(key: str, prefix: str) -> float:

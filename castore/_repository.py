@@ -13,8 +13,8 @@ A manifest's name carries what ``load()`` needs to pick the newest checkpoint
 from __future__ import annotations
 
 import json
+import os
 import re
-import secrets
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -68,7 +68,7 @@ class Repository:
         """The store's random id, created on first use. Caches keyed by it notice a
         store that was wiped and recreated at the same URL."""
         if self._store_id is None:
-            doc = {"format": STORE_FORMAT_VERSION, "store_id": secrets.token_hex(16)}
+            doc = {"format": STORE_FORMAT_VERSION, "store_id": os.urandom(16).hex()}
             await self.backend.put_if_absent(_CONFIG_KEY, json.dumps(doc).encode())
             raw = await self.backend.get(_CONFIG_KEY)
             try:

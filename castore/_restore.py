@@ -11,7 +11,6 @@ created last.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import stat
 import threading
@@ -52,7 +51,7 @@ async def restore(
     """Restore ``manifest`` so that ``dest`` becomes exactly its tree; returns the
     absolute path of ``dest``."""
     dest = await anyio.to_thread.run_sync(_check_dest, dest)
-    tmp = dest.parent / f".{dest.name}.castore-{secrets.token_hex(4)}.tmp"
+    tmp = dest.parent / f".{dest.name}.castore-{os.urandom(4).hex()}.tmp"
     try:
         await anyio.to_thread.run_sync(_prepare_tree, tmp, manifest)
         await _fill_files(repo, manifest, dest, tmp, options)
@@ -328,7 +327,7 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
     if not dest.exists():
         os.rename(tmp, dest)
         return
-    old = dest.parent / f".{dest.name}.castore-{secrets.token_hex(4)}.old"
+    old = dest.parent / f".{dest.name}.castore-{os.urandom(4).hex()}.old"
     os.rename(dest, old)
     try:
         os.rename(tmp, dest)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +93,7 @@ class StatCache:
         doc = {"version": _VERSION, "generation": self.generation, "entries": merged}
         data = zstandard.ZstdCompressor(level=3).compress(json.dumps(doc).encode())
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}")
+        tmp = self.path.with_name(f".{self.path.name}.{os.urandom(4).hex()}")
         try:
             tmp.write_bytes(data)
             os.replace(tmp, self.path)

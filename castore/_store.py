@@ -7,9 +7,7 @@ import dataclasses
 import functools
 import logging
 import os
-import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -214,6 +212,8 @@ class CheckpointStore:
             return None
         manifest = await self.repo.read_manifest(ref)
         if dest is None:
+            import tempfile
+
             dest = await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="castore-"))
         target = await restore(self.repo, manifest, Path(dest), self._restore_options)
         self._parent = manifest.id
@@ -342,7 +342,7 @@ class CheckpointStore:
         seconds: float,
     ) -> Manifest:
         return Manifest(
-            id=secrets.token_hex(8),
+            id=os.urandom(8).hex(),
             key=self.key,
             attempt=self.attempt,
             seq=seq,

@@ -2,7 +2,6 @@
 
 from ._base import Backend, BackendWrapper, BlockingAccess, ObjectInfo
 from ._local import LocalBackend
-from ._obstore import ObstoreBackend
 from ._open import REMOTE_SCHEMES, open_backend
 from ._wrappers import Fault, FaultBackend, RetryBackend
 
@@ -15,7 +14,6 @@ __all__ = [
     "FaultBackend",
     "LocalBackend",
     "ObjectInfo",
-    "ObstoreBackend",
     "RetryBackend",
     "open_backend",
 ]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import builtins
 import errno
 import os
-import secrets
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -83,7 +82,7 @@ class LocalBackend(Backend):
     def _put_sync(self, key: str, data: bytes, exclusive: bool) -> bool:
         final = self._path(key)
         directory = os.path.dirname(final)
-        tmp = os.path.join(directory, _TMP_PREFIX + secrets.token_hex(8))
+        tmp = os.path.join(directory, _TMP_PREFIX + os.urandom(8).hex())
         with _mapped_errors(key):
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

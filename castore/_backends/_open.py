@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from .._errors import InvalidURLError, UsageError
 from ._base import Backend
 from ._local import LocalBackend
-from ._obstore import ObstoreBackend, map_obstore_errors
 from ._wrappers import RetryBackend
 
 __all__ = ["REMOTE_SCHEMES", "open_backend"]
@@ -81,6 +79,8 @@ def open_backend(url: str, **options: Any) -> Backend:
 def _memory(name: str) -> Backend:
     from obstore.store import MemoryStore
 
+    from ._obstore import ObstoreBackend
+
     if not name:
         return ObstoreBackend(MemoryStore(), "memory://")
     with _memory_lock:
@@ -91,7 +91,13 @@ def _memory(name: str) -> Backend:
 
 
 def _remote(url: str, options: dict[str, Any]) -> Backend:
+    # obstore and the mapping of its errors load only for stores that need them,
+    # so a command on a local store starts faster.
+    from datetime import timedelta
+
     from obstore.store import from_url
+
+    from ._obstore import ObstoreBackend, map_obstore_errors
 
     attempts = options.pop("retries", 5)
     if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
