@@ -173,7 +173,8 @@ def save(
         as_json,
         _info_dict(info),
         f"saved {info.id} ({key} #{info.seq}): {info.files} files, {info.total_bytes} bytes, "
-        f"{info.new_bytes} new, {info.uploaded_bytes} uploaded, {info.seconds:.2f} s",
+        f"{info.new_bytes} new, {info.uploaded_bytes} uploaded, {info.read_bytes} read, "
+        f"{info.seconds:.2f} s",
     )
 
 

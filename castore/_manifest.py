@@ -63,6 +63,8 @@ class Entry:
     size: int = 0
     target: str | None = None
     parts: tuple[Part, ...] = ()
+    mtime_ns: int | None = None
+    """A file's modification time when saved; restore sets it back (None: unknown)."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,8 @@ def _encode_entry(e: Entry) -> dict[str, Any]:
     if e.type == "file":
         out["s"] = e.size
         out["c"] = [list(p) for p in e.parts]
+        if e.mtime_ns is not None:
+            out["mt"] = e.mtime_ns
     elif e.type == "symlink":
         out["x"] = e.target
     return out
@@ -238,7 +242,10 @@ def _decode_entry(e: dict[str, Any], blobs: list[tuple[str, int]]) -> Entry:
         total += length
     if total != size:
         raise IntegrityError(f"malformed manifest: parts of {path!r} add up to {total}, not {size}")
-    return Entry(path, etype, mode, size=size, parts=tuple(parts))
+    mtime_ns = e.get("mt")
+    if mtime_ns is not None:
+        _int(mtime_ns, "modification time")
+    return Entry(path, etype, mode, size=size, parts=tuple(parts), mtime_ns=mtime_ns)
 
 
 def _check_tree(entries: tuple[Entry, ...], kind: SourceKind) -> None:
@@ -273,6 +280,7 @@ def checkpoint_info(m: Manifest) -> CheckpointInfo:
         total_bytes=int(m.stats.get("total_bytes", 0)),
         new_bytes=int(m.stats.get("new_bytes", 0)),
         uploaded_bytes=int(m.stats.get("uploaded_bytes", 0)),
+        read_bytes=int(m.stats.get("read_bytes", 0)),
         seconds=float(m.stats.get("seconds", 0.0)),
         pinned=m.pinned,
     )

@@ -315,6 +315,8 @@ def _finish_tree(tmp: Path, manifest: Manifest) -> None:
             assert entry.target is not None
             os.symlink(entry.target, path)
         elif entry.type == "file":
+            if entry.mtime_ns is not None:
+                os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns))
             os.chmod(path, entry.mode)
     # Deepest first, so a read-only directory is locked only after its children exist.
     for entry in sorted(manifest.entries, key=lambda e: -e.path.count("/")):

@@ -63,6 +63,7 @@ class SaveResult:
     total_bytes: int = 0
     new_bytes: int = 0
     uploaded_bytes: int = 0
+    read_bytes: int = 0
 
 
 @dataclass
@@ -104,6 +105,7 @@ class SavePipeline:
         )
         self.new_bytes = 0
         self.uploaded_bytes = 0
+        self.read_bytes = 0
 
     # -- sources ---------------------------------------------------------------------------
 
@@ -131,6 +133,8 @@ class SavePipeline:
                 large.append(w)
         if pending:
             bundles.append(pending)
+        self.read_bytes = sum(w.entry.size for bundle in bundles for w in bundle)
+        self.read_bytes += sum(w.entry.size for w in large)
 
         async with task_group() as tg:
             for bundle in bundles:
@@ -148,6 +152,7 @@ class SavePipeline:
     async def save_bytes(self, name: str, data: bytes) -> SaveResult:
         entry = ScannedEntry(name, "", "file", 0o644, len(data))
         w = _FileWork(entry)
+        self.read_bytes = len(data)
         chunks = await anyio.to_thread.run_sync(chunk_bytes, data, self.options.chunks)
         async with task_group() as tg:
             for batch in _group(chunks, self.options.read_segment):
@@ -300,10 +305,16 @@ class SavePipeline:
                     blobs.append((blob_id, blob_size))
                 refs.append((i, offset, length))
             size = sum(length for _, _, length in refs)
-            entries.append(Entry(e.path, "file", e.mode, size=size, parts=tuple(refs)))
+            # Bytes saved from memory (no abspath) have no modification time.
+            mtime_ns = e.stat_key[1] if e.abspath else None
+            entries.append(
+                Entry(e.path, "file", e.mode, size=size, parts=tuple(refs), mtime_ns=mtime_ns)
+            )
             total += size
             files += 1
-        return SaveResult(entries, blobs, files, total, self.new_bytes, self.uploaded_bytes)
+        return SaveResult(
+            entries, blobs, files, total, self.new_bytes, self.uploaded_bytes, self.read_bytes
+        )
 
 
 _Encoded = tuple[str, int, "bytes | None"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ._errors import SourceNotFoundError, UsageError
 from ._types import EntryType
 
-__all__ = ["ScannedEntry", "StatKey", "scan_file", "scan_tree"]
+__all__ = ["ScannedEntry", "StatKey", "scan_file", "scan_tree", "stat_key"]
 
 StatKey = tuple[int, int, int, int]
 """(size, mtime_ns, ctime_ns, inode): a file whose StatKey is unchanged was not rewritten."""
@@ -77,11 +77,14 @@ def _name(name: str, where: str) -> str:
     return name
 
 
+def stat_key(st: os.stat_result) -> StatKey:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
 def _entry(rel: str, abspath: str, st: os.stat_result) -> ScannedEntry | None:
     mode = stat.S_IMODE(st.st_mode)
     if stat.S_ISREG(st.st_mode):
-        key = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-        return ScannedEntry(rel, abspath, "file", mode, st.st_size, key)
+        return ScannedEntry(rel, abspath, "file", mode, st.st_size, stat_key(st))
     if stat.S_ISDIR(st.st_mode):
         return ScannedEntry(rel, abspath, "dir", mode)
     if stat.S_ISLNK(st.st_mode):

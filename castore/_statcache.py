@@ -16,12 +16,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
+import time
 from pathlib import Path
 from typing import Any
 
 import zstandard
 
-from ._scan import StatKey
+from ._manifest import Manifest
+from ._scan import StatKey, stat_key
 
 __all__ = ["RECENT_NS", "FilePart", "StatCache"]
 
@@ -65,6 +68,34 @@ class StatCache:
     def forget(self) -> None:
         """Trust nothing read from disk; what this save records is still kept."""
         self._entries = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def record_restored(self, root: str, manifest: Manifest) -> None:
+        """Record the files of ``manifest`` just restored under ``root``, as a save of
+        ``root`` would: saving it again reads only the files changed since. Restore
+        set each file's modification time back to the saved one, so any later write
+        changes it; files that are not as restored are left out."""
+        now = time.time_ns()
+        for entry in manifest.entries:
+            if entry.type != "file" or entry.mtime_ns is None:
+                continue
+            path = os.path.join(root, entry.path)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if (
+                not stat.S_ISREG(st.st_mode)
+                or st.st_size != entry.size
+                or st.st_mtime_ns != entry.mtime_ns
+            ):
+                continue
+            parts = [
+                (*manifest.blobs[index], offset, length) for index, offset, length in entry.parts
+            ]
+            self.record(path, stat_key(st), parts, now)
 
     def known_blobs(self) -> set[str]:
         return {part[0] for _, parts in self._entries.values() for part in parts}

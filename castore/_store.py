@@ -20,7 +20,7 @@ import blake3
 from ._backends import open_backend
 from ._chunking import ChunkParams
 from ._clock import Clock, SystemClock
-from ._errors import CheckpointNotFoundError, SourceNotFoundError, UsageError
+from ._errors import CastoreError, CheckpointNotFoundError, SourceNotFoundError, UsageError
 from ._gcguard import GcConflict, guard_commit
 from ._gcstate import GcState
 from ._manifest import Manifest, checkpoint_info, validate_key
@@ -211,11 +211,20 @@ class CheckpointStore:
         if ref is None:
             return None
         manifest = await self.repo.read_manifest(ref)
+        # The gc state before restoring: a sweep that starts later writes a newer
+        # generation, which makes the next save re-check what this load vouches for.
+        gc_at_start = await self._gc_state.snapshot() if self._stat_cache else None
         if dest is None:
             import tempfile
 
             dest = await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="castore-"))
         target = await restore(self.repo, manifest, Path(dest), self._restore_options)
+        if gc_at_start is not None and not gc_at_start.sweeps and manifest.kind != "bytes":
+            try:
+                await self._prime_stat_cache(manifest, target, gc_at_start.generation)
+            except CastoreError as exc:
+                # The restore is complete; the cache only saves reading files later.
+                _log.warning("castore: stat cache not updated after load: %s", exc)
         self._parent = manifest.id
         return target if manifest.kind == "dir" else target / manifest.entries[0].path
 
@@ -327,6 +336,17 @@ class CheckpointStore:
         manifest = await self.repo.read_manifest(refs[-1])
         return {blob for blob, _ in manifest.blobs}
 
+    async def _prime_stat_cache(self, manifest: Manifest, root: Path, generation: str) -> None:
+        """Make the files just restored count as unchanged for the next save, so a job
+        that resumes from ``load()`` and saves again reads only what it rewrote."""
+        store_id = await self.repo.store_id()
+        cache = await anyio.to_thread.run_sync(self._load_stat_cache, store_id)
+        if cache.generation != generation and len(cache):
+            cache.retain(await self.repo.existing_blobs())
+        cache.generation = generation
+        await anyio.to_thread.run_sync(cache.record_restored, str(root), manifest)
+        await anyio.to_thread.run_sync(cache.save, str(root))
+
     def _load_stat_cache(self, store_id: str) -> StatCache:
         digest = blake3.blake3(self.key.encode()).hexdigest()[:16]
         path = self._cache_dir / "statcache" / f"{store_id}-{digest}.zst"
@@ -357,6 +377,7 @@ class CheckpointStore:
                 "total_bytes": result.total_bytes,
                 "new_bytes": result.new_bytes,
                 "uploaded_bytes": result.uploaded_bytes,
+                "read_bytes": result.read_bytes,
                 "seconds": round(seconds, 6),
             },
             pinned=pin,

@@ -21,6 +21,9 @@ class CheckpointInfo:
 
     ``new_bytes`` counts raw bytes of chunks the store did not hold before this save;
     ``uploaded_bytes`` is what those chunks took on the wire after compression.
+    ``read_bytes`` is what the save read and hashed: the files the stat cache did not
+    vouch for as unchanged (none, saving over what ``load()`` restored, untouched), or
+    the whole payload of a bytes checkpoint.
     ``seconds`` is the wall time of the save that created the checkpoint.
     """
 
@@ -36,6 +39,7 @@ class CheckpointInfo:
     total_bytes: int = 0
     new_bytes: int = 0
     uploaded_bytes: int = 0
+    read_bytes: int = 0
     seconds: float = 0.0
     pinned: bool = False
 

@@ -24,7 +24,14 @@ def _manifest(**changes: Any) -> Manifest:
         blobs=((BLOB, 100),),
         entries=(
             Entry("d", "dir", 0o755),
-            Entry("d/f", "file", 0o644, size=60, parts=((0, 0, 60),)),
+            Entry(
+                "d/f",
+                "file",
+                0o644,
+                size=60,
+                parts=((0, 0, 60),),
+                mtime_ns=1_600_000_000_123_456_789,
+            ),
             Entry("d/g", "file", 0o600, size=40, parts=((0, 60, 40),)),
             Entry("l", "symlink", 0o777, target="d/f"),
             Entry("ünï", "file", 0o644),
@@ -39,6 +46,14 @@ def _manifest(**changes: Any) -> Manifest:
 def test_roundtrip() -> None:
     m = _manifest()
     assert decode_manifest(encode_manifest(m)) == m
+
+
+@pytest.mark.parametrize("mtime", [-1, 1.5, "1", True])
+def test_bad_modification_time_is_rejected(mtime: object) -> None:
+    doc = _raw_doc(_manifest())
+    doc["entries"][1]["mt"] = mtime
+    with pytest.raises(IntegrityError, match="modification time"):
+        decode_manifest(_encode_doc(doc))
 
 
 def _raw_doc(m: Manifest) -> dict[str, Any]:

@@ -253,6 +253,38 @@ async def test_unchanged_files_are_not_read_again(
     )
 
 
+async def test_saving_what_load_restored_reads_only_what_changed_since(
+    url: str, tmp_path: Path
+) -> None:
+    """The resume flow: the next attempt, on a machine with an empty cache, loads the
+    checkpoint, trains, and saves the same directory again."""
+    store, shared = _shared(url, tmp_path)
+    src = _tree(tmp_path / "src")
+    old = 1_600_000_000
+    for p in src.rglob("*"):
+        os.utime(p, (old, old))
+    first = await store.save(src)
+    assert first.read_bytes == first.total_bytes == (3 << 20) + len("note a")
+    resumed = _store(shared, tmp_path, attempt=1, cache_dir=tmp_path / "cache-of-attempt-1")
+    work = await resumed.load(tmp_path / "work")
+    assert work is not None
+    for p in src.rglob("*"):
+        if p.is_file():
+            assert (work / p.relative_to(src)).stat().st_mtime_ns == p.stat().st_mtime_ns
+    unchanged = await resumed.save(work)
+    assert (unchanged.read_bytes, unchanged.new_bytes) == (0, 0)
+    # Rewritten, even with the old size and modification time put back (the change
+    # time still moves): read again, and only that file.
+    (work / "weights.bin").write_bytes(os.urandom(3 << 20))
+    os.utime(work / "weights.bin", (old, old))
+    changed = await resumed.save(work)
+    assert changed.read_bytes == 3 << 20
+    out = await resumed.load(tmp_path / "check")
+    assert out is not None
+    assert (out / "weights.bin").read_bytes() == (work / "weights.bin").read_bytes()
+    assert (out / "sub" / "note.txt").read_text() == "note a"
+
+
 async def test_stat_cache_is_not_trusted_for_a_recreated_store(tmp_path: Path) -> None:
     import shutil
 
