@@ -5,6 +5,12 @@ fed in segments: every chunk that ends before the segment's end is final, and th
 unfinished tail is carried into the next segment. The result is identical to chunking
 the whole file at once, while memory stays at one segment per reader (pyfastcdc's own
 ``cut_file`` maps the whole file instead, which counts every touched page toward RSS).
+
+The same property lets a file be checked against the chunks it was cut into last
+time: as long as each of those chunks hashes to its id, the next cut would land where
+it did before; from the first chunk that differs, cutting takes over. Hashing runs
+about three times faster than cutting, so a checkpoint rewritten as new files with
+mostly the same bytes (``checkpoint-N`` directories) is read at hashing speed.
 """
 
 from __future__ import annotations
@@ -12,8 +18,11 @@ from __future__ import annotations
 import io
 import os
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+from ._codec import hash_bytes
 
 __all__ = ["Batch", "BufferPool", "ChunkParams", "FileChunker", "chunk_bytes"]
 
@@ -87,6 +96,8 @@ class Batch:
     chunks: list[memoryview]
     buffer: bytearray | None
     """The pool buffer the chunks view; release it to the pool once they are done."""
+    ids: list[str | None] = field(default_factory=list)
+    """Per chunk, its blob id when already hashed (checked against a guide), else None."""
 
 
 class FileChunker:
@@ -95,9 +106,22 @@ class FileChunker:
     Not thread-safe: one worker thread at a time calls :meth:`next_batch`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], params: ChunkParams, pool: BufferPool) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        params: ChunkParams,
+        pool: BufferPool,
+        guide: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        """``guide``: (blob id, length) of the chunks this file's previous version was
+        cut into, if it had the same size; checked by hash before cutting (see the
+        module docstring). A guide with chunks larger than ``params`` allows is
+        ignored: its carried tail would not fit."""
         if pool.size < 3 * params.max_size:
             raise ValueError("pool buffers must hold at least three max-size chunks")
+        fits = all(0 < length <= params.max_size for _, length in guide)
+        self._guide: Sequence[tuple[str, int]] | None = guide if guide and fits else None
+        self._guided = 0
         self._path = path
         self._file: io.FileIO | None = None
         self._cutter = params.new_cutter()
@@ -126,20 +150,58 @@ class FileChunker:
         filled += got
         eof = got < self._segment
         data = view[:filled]
-        cuts = list(self._cutter.cut_buf(data)) if filled else []
-        # The last cut may be forced by the segment's end: unless at EOF, re-cut it
-        # together with the next segment. The segment is at least two max-size chunks,
-        # so a batch before EOF always holds at least one final chunk.
-        tail_start = filled if eof or not cuts else cuts.pop().offset
+        chunks, ids = self._follow_guide(data, eof)
+        start = sum(len(c) for c in chunks)
+        if self._guide is not None and not (eof and start < filled):
+            # Still following: carry what the next guided chunk needs.
+            tail_start = start
+        else:
+            cuts = list(self._cutter.cut_buf(data[start:])) if start < filled else []
+            # The last cut may be forced by the segment's end: unless at EOF, re-cut it
+            # together with the next segment. The segment is at least two max-size
+            # chunks, so a batch before EOF always holds at least one final chunk.
+            tail_start = filled if eof or not cuts else start + cuts.pop().offset
+            chunks += [data[start + c.offset : start + c.offset + c.length] for c in cuts]
+            ids += [None] * len(cuts)
         self._carried = filled - tail_start
         self._carry[: self._carried] = data[tail_start:filled]
-        chunks = [data[c.offset : c.offset + c.length] for c in cuts]
         if eof:
             self.close()
         if not chunks:
             self._pool.release(buffer)
             return Batch([], None)
-        return Batch(chunks, buffer)
+        return Batch(chunks, buffer, ids)
+
+    def _follow_guide(
+        self, data: memoryview, eof: bool
+    ) -> tuple[list[memoryview], list[str | None]]:
+        """The guided chunks that ``data`` holds whole and that still match; on the first
+        mismatch, or past the guide's end, the guide is dropped and cutting resumes.
+        The guide's last chunk was cut by the end of the file, not by its content: it
+        is followed only if it ends where this file ends."""
+        chunks: list[memoryview] = []
+        ids: list[str | None] = []
+        if self._guide is None:
+            return chunks, ids
+        start = 0
+        while self._guided < len(self._guide):
+            blob_id, length = self._guide[self._guided]
+            if start + length > len(data):
+                return chunks, ids
+            if self._guided == len(self._guide) - 1:
+                if not eof:
+                    return chunks, ids  # decided by the next read, which sees the end
+                if start + length != len(data):
+                    break
+            piece = data[start : start + length]
+            if hash_bytes(piece) != blob_id:
+                break
+            chunks.append(piece)
+            ids.append(blob_id)
+            start += length
+            self._guided += 1
+        self._guide = None
+        return chunks, ids
 
     def close(self) -> None:
         self.done = True

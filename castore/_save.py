@@ -25,7 +25,7 @@ from anyio.abc import TaskGroup
 from ._budget import ByteBudget
 from ._chunking import BufferPool, ChunkParams, FileChunker, chunk_bytes
 from ._codec import encode_blob, hash_bytes
-from ._manifest import Entry, Part
+from ._manifest import Entry, Manifest, Part
 from ._repository import Repository
 from ._scan import ScannedEntry
 from ._statcache import FilePart, StatCache
@@ -73,7 +73,9 @@ class _FileWork:
 
 
 class SavePipeline:
-    """One save. ``known`` are blob ids the store is trusted to hold already."""
+    """One save. ``known`` are blob ids the store is trusted to hold already;
+    ``previous`` is the key's newest checkpoint, whose chunk boundaries guide the
+    reading of files at the same path with the same size."""
 
     def __init__(
         self,
@@ -81,11 +83,13 @@ class SavePipeline:
         options: SaveOptions,
         known: set[str],
         cache: StatCache | None = None,
+        previous: Manifest | None = None,
     ) -> None:
         self.repo = repo
         self.options = options
         self.cache = cache
         self._known = known
+        self._guides = _guides(previous) if previous is not None else {}
         self._claimed: set[str] = set()
         self._lock = threading.Lock()
         self._blocking = repo.blocking()
@@ -199,7 +203,10 @@ class SavePipeline:
         """Read and cut one file, handing its batches of chunks to ``tg``; holds one of
         the ``_readers`` slots, acquired by the caller."""
         try:
-            chunker = FileChunker(w.entry.abspath, self.options.chunks, self._pool)
+            guide = self._guides.get(w.entry.path)
+            if guide is None or guide[0] != w.entry.size:
+                guide = (0, [])
+            chunker = FileChunker(w.entry.abspath, self.options.chunks, self._pool, guide[1])
             try:
                 while not chunker.done:
                     # Budget first: the read itself takes a pool buffer of about a segment.
@@ -209,7 +216,7 @@ class SavePipeline:
                     except BaseException:
                         self._budget.release(granted)
                         raise
-                    self._start_batch(tg, w.parts, batch.chunks, granted, batch.buffer)
+                    self._start_batch(tg, w.parts, batch.chunks, granted, batch.buffer, batch.ids)
             finally:
                 chunker.close()
         finally:
@@ -222,14 +229,16 @@ class SavePipeline:
         chunks: list[memoryview],
         granted: int,
         buffer: bytearray | None = None,
+        ids: list[str | None] | None = None,
     ) -> None:
-        """Reserve slots for a batch of one file's chunks, then process it."""
+        """Reserve slots for a batch of one file's chunks, then process it. ``ids``:
+        the chunks' blob ids where the reader already hashed them."""
         if not chunks:
             self._budget.release(granted)
             return
         first = len(parts)
         parts.extend([None] * len(chunks))
-        tg.start_soon(self._save_batch, parts, first, chunks, granted, buffer)
+        tg.start_soon(self._save_batch, parts, first, chunks, granted, buffer, ids)
 
     async def _save_batch(
         self,
@@ -238,11 +247,14 @@ class SavePipeline:
         batch: list[memoryview],
         granted: int,
         buffer: bytearray | None,
+        ids: list[str | None] | None,
     ) -> None:
         # One thread hop hashes, compresses and (on a local store) writes the whole
         # batch; only blobs bound for a remote store come back to be uploaded.
         try:
-            encoded = await anyio.to_thread.run_sync(self._encode_all, batch, limiter=self._cpu)
+            encoded = await anyio.to_thread.run_sync(
+                self._encode_all, batch, ids or [None] * len(batch), limiter=self._cpu
+            )
             for i, (blob_id, raw_size, _) in enumerate(encoded):
                 parts[first + i] = (blob_id, raw_size, 0, raw_size)
             pending = [(b, size, blob) for b, size, blob in encoded if blob is not None]
@@ -258,13 +270,15 @@ class SavePipeline:
                 self._pool.release(buffer)
             self._budget.release(granted)
 
-    def _encode_all(self, batch: list[memoryview]) -> list[_Encoded]:
-        return [self._encode(chunk) for chunk in batch]
+    def _encode_all(self, batch: list[memoryview], ids: list[str | None]) -> list[_Encoded]:
+        return [self._encode(chunk, blob_id) for chunk, blob_id in zip(batch, ids, strict=True)]
 
-    def _encode(self, raw: bytes | memoryview) -> _Encoded:
-        """Hash a chunk; compress it only if nobody has stored or claimed it yet. On a
-        local store it is written here too; otherwise the blob is returned to upload."""
-        blob_id = hash_bytes(raw)
+    def _encode(self, raw: bytes | memoryview, blob_id: str | None = None) -> _Encoded:
+        """Hash a chunk (unless its id is given); compress it only if nobody has stored
+        or claimed it yet. On a local store it is written here too; otherwise the blob
+        is returned to upload."""
+        if blob_id is None:
+            blob_id = hash_bytes(raw)
         with self._lock:
             if blob_id in self._known or blob_id in self._claimed:
                 return blob_id, len(raw), None
@@ -332,6 +346,23 @@ def _group(chunks: list[memoryview], size: int) -> list[list[memoryview]]:
         groups[-1].append(chunk)
         filled += len(chunk)
     return [g for g in groups if g]
+
+
+def _guides(previous: Manifest) -> dict[str, tuple[int, list[tuple[str, int]]]]:
+    """Per file of ``previous`` stored as whole chunks: (size, [(blob id, length)])."""
+    guides: dict[str, tuple[int, list[tuple[str, int]]]] = {}
+    for entry in previous.entries:
+        if entry.type != "file" or not entry.parts:
+            continue
+        chunks = []
+        for index, offset, length in entry.parts:
+            blob_id, blob_size = previous.blobs[index]
+            if offset != 0 or length != blob_size:
+                break  # part of a bundle: a small file, never chunked
+            chunks.append((blob_id, length))
+        else:
+            guides[entry.path] = (entry.size, chunks)
+    return guides
 
 
 def _done(parts: list[FilePart | None]) -> list[FilePart]:

@@ -72,12 +72,14 @@ class StatCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def record_restored(self, root: str, manifest: Manifest) -> None:
+    def record_restored(self, root: str, manifest: Manifest) -> int:
         """Record the files of ``manifest`` just restored under ``root``, as a save of
         ``root`` would: saving it again reads only the files changed since. Restore
         set each file's modification time back to the saved one, so any later write
-        changes it; files that are not as restored are left out."""
+        changes it; files that are not as restored are left out. Returns the latest
+        change time (ns) among the files recorded, 0 if none."""
         now = time.time_ns()
+        latest = 0
         for entry in manifest.entries:
             if entry.type != "file" or entry.mtime_ns is None:
                 continue
@@ -96,6 +98,8 @@ class StatCache:
                 (*manifest.blobs[index], offset, length) for index, offset, length in entry.parts
             ]
             self.record(path, stat_key(st), parts, now)
+            latest = max(latest, st.st_ctime_ns)
+        return latest
 
     def known_blobs(self) -> set[str]:
         return {part[0] for _, parts in self._entries.values() for part in parts}

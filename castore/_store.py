@@ -55,6 +55,9 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("castore", appauthor=False))
 
 
+_TIMESTAMP_TICK_NS = 20_000_000
+
+
 class CheckpointStore:
     """A series of checkpoints (``key``) in one store (``url``).
 
@@ -137,7 +140,9 @@ class CheckpointStore:
         gc_at_start = await self._gc_state.snapshot()
         started_at = self._clock.now()
         refs = await self.repo.list_manifests(self.key)
-        known = await self._blobs_of_newest(refs) if trust_caches else set()
+        previous = await self._newest_manifest(refs)
+        # Blobs of the key's newest checkpoint exist: no need to upload them again.
+        known = {b for b, _ in previous.blobs} if previous and trust_caches else set()
         kind: SourceKind
         cache: StatCache | None = None
         root = ""
@@ -160,7 +165,7 @@ class CheckpointStore:
                     cache.retain(await self.repo.existing_blobs())
                 cache.generation = gc_at_start.generation
                 known |= cache.known_blobs()
-            pipeline = SavePipeline(self.repo, self._save_options, known, cache)
+            pipeline = SavePipeline(self.repo, self._save_options, known, cache, previous)
             if is_dir:
                 scanned, skipped = await anyio.to_thread.run_sync(scan_tree, root)
             else:
@@ -329,12 +334,8 @@ class CheckpointStore:
         refs = [r for r in await self.repo.list_manifests(self.key) if r.attempt <= self.attempt]
         return refs[-1] if refs else None
 
-    async def _blobs_of_newest(self, refs: builtins.list[ManifestRef]) -> set[str]:
-        # Blobs of the key's newest checkpoint exist: no need to upload them again.
-        if not refs:
-            return set()
-        manifest = await self.repo.read_manifest(refs[-1])
-        return {blob for blob, _ in manifest.blobs}
+    async def _newest_manifest(self, refs: builtins.list[ManifestRef]) -> Manifest | None:
+        return await self.repo.read_manifest(refs[-1]) if refs else None
 
     async def _prime_stat_cache(self, manifest: Manifest, root: Path, generation: str) -> None:
         """Make the files just restored count as unchanged for the next save, so a job
@@ -344,8 +345,14 @@ class CheckpointStore:
         if cache.generation != generation and len(cache):
             cache.retain(await self.repo.existing_blobs())
         cache.generation = generation
-        await anyio.to_thread.run_sync(cache.record_restored, str(root), manifest)
+        latest = await anyio.to_thread.run_sync(cache.record_restored, str(root), manifest)
         await anyio.to_thread.run_sync(cache.save, str(root))
+        # File systems stamp times at a coarse tick (1-10 ms). Returning only once a
+        # tick has passed since the last change made to a restored file means any
+        # later write gives it a change time other than the one recorded.
+        wait_ns = latest + _TIMESTAMP_TICK_NS - time.time_ns()
+        if wait_ns > 0:
+            await anyio.sleep(wait_ns / 1e9)
 
     def _load_stat_cache(self, store_id: str) -> StatCache:
         digest = blake3.blake3(self.key.encode()).hexdigest()[:16]

@@ -8,19 +8,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from castore._chunking import BufferPool, ChunkParams, FileChunker, chunk_bytes
+from castore._codec import hash_bytes
 
 SMALL = ChunkParams(min_size=1024, avg_size=4096, max_size=16384)
 
 
-def _file_chunks(path: Path, params: ChunkParams, segment: int) -> list[bytes]:
+def _file_chunks(
+    path: Path,
+    params: ChunkParams,
+    segment: int,
+    guide: list[tuple[str, int]] | None = None,
+    ids: list[str | None] | None = None,
+) -> list[bytes]:
     # Two buffers only, reused as soon as a batch is copied out: reuse must not
     # change a single byte of what comes back.
     pool = BufferPool(max(segment, 2 * params.max_size) + params.max_size, keep=2)
-    chunker = FileChunker(path, params, pool)
+    chunker = FileChunker(path, params, pool, guide or ())
     out: list[bytes] = []
     while not chunker.done:
         batch = chunker.next_batch()
         out.extend(bytes(c) for c in batch.chunks)
+        if ids is not None:
+            ids.extend(batch.ids)
         if batch.buffer is not None:
             pool.release(batch.buffer)
     return out
@@ -69,3 +78,46 @@ def test_an_insertion_disturbs_only_nearby_chunks() -> None:
 def test_invalid_chunk_params_are_refused(kwargs: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         ChunkParams(**kwargs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(0, 200_000),
+    segment=st.integers(1, 60_000),
+    edit=st.sampled_from(["none", "overwrite", "insert", "truncate", "append"]),
+    where=st.floats(0, 1),
+    guide_params=st.sampled_from([SMALL, ChunkParams(min_size=512, avg_size=2048, max_size=8192)]),
+)
+def test_chunking_guided_by_a_previous_version_equals_plain_chunking(
+    tmp_path_factory: pytest.TempPathFactory,
+    size: int,
+    segment: int,
+    edit: str,
+    where: float,
+    guide_params: ChunkParams,
+) -> None:
+    """Following the previous version's chunks, checked by hash, then cutting from the
+    first that differs gives exactly the chunks of cutting the file afresh (with the
+    same chunk sizes), whatever changed; with other sizes, still the file's bytes."""
+    old = os.urandom(size)
+    at = int(size * where)
+    new = {
+        "none": old,
+        "overwrite": old[:at] + bytes(b ^ 0x5A for b in old[at : at + 100]) + old[at + 100 :],
+        "insert": old[:at] + b"inserted" + old[at:],
+        "truncate": old[:at],
+        "append": old + b"more bytes at the end",
+    }[edit]
+    path = tmp_path_factory.mktemp("g") / "f"
+    path.write_bytes(new)
+    guide = [(hash_bytes(c), len(c)) for c in chunk_bytes(old, guide_params)]
+    ids: list[str | None] = []
+    guided = _file_chunks(path, SMALL, segment, guide, ids)
+    assert b"".join(guided) == new
+    if guide_params == SMALL:
+        assert guided == [bytes(c) for c in chunk_bytes(new, SMALL)]
+    # Every id the reader vouches for is the hash of the chunk it came with.
+    assert len(ids) == len(guided)
+    assert all(i is None or i == hash_bytes(c) for i, c in zip(ids, guided, strict=True))
+    if edit == "none" and guide_params == SMALL:
+        assert all(i is not None for i in ids)
