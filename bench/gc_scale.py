@@ -49,11 +49,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import importlib.metadata
 import json
 import os
-import platform
 import random
 import resource
 import shlex
@@ -68,8 +65,21 @@ from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-MiB = 1024 * 1024
+sys.path.insert(0, str(BENCH))
+
+from common import (  # noqa: E402
+    ROOT,
+    MiB,
+    castore_source_digest,
+    first_line,
+    launch,
+    loopback_env,
+    machine_basics,
+    package_versions,
+    relative_to_root,
+    utc_date,
+)
+
 DAY = 86_400.0
 KEEP_LAST = 3
 QUICK = {"blobs": 2_000, "manifests": 50}
@@ -477,22 +487,6 @@ def worker(argv: Sequence[str]) -> int:
 # ---------------------------------------------------------------------------
 # Timed child processes
 
-# Linux charges the pre-exec image's peak RSS to the exec'd process, so children are
-# spawned by a tiny fresh launcher (about 8 MiB) rather than by this runner. The
-# launcher reports the child's wall time and rusage; its stdout/stderr pass through.
-_LAUNCHER = """
-import json, os, sys, time
-out, argv = sys.argv[1], sys.argv[2:]
-start = time.perf_counter()
-pid = os.posix_spawnp(argv[0], argv, os.environ)
-_, status, ru = os.wait4(pid, 0)
-wall = time.perf_counter() - start
-with open(out, "w") as f:
-    json.dump({"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime, "maxrss": ru.ru_maxrss}, f)
-code = os.waitstatus_to_exitcode(status)
-sys.exit(code if code >= 0 else 128 - code)
-"""
-
 
 @dataclass
 class Measured:
@@ -506,37 +500,20 @@ class Measured:
 def run_timed(
     argv: list[str], env: dict[str, str], stem: Path, result: Path | None, *, quiet: bool = False
 ) -> Measured:
-    """Run ``argv`` through the launcher; its stderr passes through unless ``quiet``."""
-    usage_path = stem.with_suffix(".rusage.json")
-    out_path, err_path = stem.with_suffix(".out"), stem.with_suffix(".err")
-    cmd = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(usage_path), *argv]
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.run(
-            cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err if quiet else None
-        )
-    stdout = out_path.read_text(errors="replace")
-    if proc.returncode != 0:
-        tail = (stdout + err_path.read_text(errors="replace"))[-3000:]
-        raise BenchError(f"{shlex.join(argv)} exited {proc.returncode}:\n{tail}")
-    usage = json.loads(usage_path.read_text())
+    """Run ``argv`` through ``common.launch``; its stderr passes through unless ``quiet``."""
+    child = launch(argv, env, stem, log_stderr=quiet)
+    stdout = child.stdout()
+    if child.returncode != 0:
+        tail = (stdout + child.stderr())[-3000:]
+        raise BenchError(f"{shlex.join(argv)} exited {child.returncode}:\n{tail}")
+    usage = child.usage()
     return Measured(
-        usage["wall"],
-        usage["user"] + usage["sys"],
-        usage["maxrss"] / 1024,
+        usage.wall_s,
+        usage.cpu_s,
+        usage.maxrss_mib,
         json.loads(result.read_text()) if result is not None else {},
         stdout,
     )
-
-
-def _clean_env() -> dict[str, str]:
-    """This environment without cloud credentials or proxies: children talk to
-    127.0.0.1 only, with exactly the configuration given here."""
-    drop = ("AWS_", "GOOGLE_", "AZURE_", "CASTORE_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
-        env.pop(name, None)
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    return env
 
 
 # ---------------------------------------------------------------------------
@@ -544,43 +521,7 @@ def _clean_env() -> dict[str, str]:
 
 
 def _first_line(argv: Sequence[str]) -> str:
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
-        text = (out.stdout or out.stderr).strip()
-        return text.splitlines()[0] if text else "unknown"
-    return "unknown"
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _mem_total() -> str:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    return "unknown"
-
-
-def _package_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def castore_source_digest() -> str:
-    from blake3 import blake3
-
-    h = blake3()
-    for path in sorted((ROOT / "castore").rglob("*.py")):
-        h.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:16]
+    return first_line(argv, missing="unknown", timeout=30)
 
 
 def machine(workdir: Path, weed: str) -> dict[str, str]:
@@ -592,17 +533,12 @@ def machine(workdir: Path, weed: str) -> dict[str, str]:
     ).stdout.split("\n")
     changed = [line[3:] for line in dirty if line.strip()]
     return {
-        "cpus (nproc)": str(os.cpu_count()),
-        "cpu model": _cpu_model(),
-        "memory": _mem_total(),
-        "kernel": platform.release(),
-        "work dir file system": _first_line(["stat", "-f", "-c", "%T", str(workdir)]),
-        "python": platform.python_version(),
+        **machine_basics(workdir),
         "castore": f"commit {commit}"
         + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
         + f" (sources {castore_source_digest()})",
-        "obstore / anyio / zstandard / blake3": " / ".join(
-            _package_version(p) for p in ("obstore", "anyio", "zstandard", "blake3")
+        "obstore / anyio / zstandard / blake3": package_versions(
+            "obstore", "anyio", "zstandard", "blake3"
         ),
         "S3 server": f"SeaweedFS {_first_line([weed, 'version'])} (weed mini, loopback)",
     }
@@ -717,7 +653,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     try:
         config = workdir / "options.json"
         config.write_text(json.dumps(server.options))
-        env = _clean_env()
+        # Endpoint and credentials come from this script only.
+        env = loopback_env(("AWS_", "GOOGLE_", "AZURE_", "CASTORE_"))
         pid = server.process.pid if server.process is not None else None
         r = Runner(workdir, config, env, pid)
         meta: dict[str, Any] = {"machine": machine(workdir, server.weed)}
@@ -988,10 +925,6 @@ def render(meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _relative(path: Path) -> Path:
-    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--worker"]:
@@ -1033,16 +966,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"work directory kept: {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    meta["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    meta["date"] = utc_date()
     meta["command"] = shlex.join(["python", "bench/gc_scale.py", *argv])
     meta["total_s"] = time.perf_counter() - started
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path = out.with_suffix(".json")
-    meta["json"] = str(_relative(json_path))
+    meta["json"] = str(relative_to_root(json_path))
     json_path.write_text(json.dumps(meta, indent=2) + "\n")
     out.write_text(render(meta))
     print(render(meta))
-    print(f"total {meta['total_s']:.0f} s; wrote {_relative(out)} and {_relative(json_path)}")
+    written = f"{relative_to_root(out)} and {relative_to_root(json_path)}"
+    print(f"total {meta['total_s']:.0f} s; wrote {written}")
     return 0 if not meta["errors"] else 1
 
 

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import importlib.metadata
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -40,9 +37,19 @@ from typing import Any
 from blake3 import blake3
 
 BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
+from common import (  # noqa: E402
+    ROOT,
+    MiB,
+    castore_source_digest,
+    first_line,
+    launch,
+    machine_basics,
+    package_versions,
+    slug,
+    utc_date,
+)
 from workload import VARIANTS, make_step  # noqa: E402
 
 PHASES = ("cold", "in place", "unchanged", "new directory", "restore")
@@ -54,7 +61,6 @@ ARCHIVE_NAMES = {
     "new directory": "newdir",
 }
 NEWEST = ARCHIVE_NAMES["new directory"]
-MiB = 1024 * 1024
 KEY = "bench"
 PASSWORD = "bench"
 QUICK_SCALE = 32
@@ -96,54 +102,26 @@ def shell(script: str, cwd: Path | None = None) -> Command:
     return Command(["bash", "-o", "pipefail", "-c", script], cwd)
 
 
-# Linux records the pre-exec image's peak RSS in the exec'd process's ru_maxrss, so a
-# child forked from this (large, long-lived) runner would report at least the runner's
-# peak. A tiny launcher, started fresh, spawns the command and reports its os.wait4
-# rusage and wall time instead: the floor is then the launcher's own ~8 MiB image.
-_LAUNCHER = """
-import json, os, sys, time
-out, argv = sys.argv[1], sys.argv[2:]
-start = time.perf_counter()
-pid = os.posix_spawnp(argv[0], argv, os.environ)
-_, status, ru = os.wait4(pid, 0)
-wall = time.perf_counter() - start
-with open(out, "w") as f:
-    json.dump({"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime, "maxrss": ru.ru_maxrss}, f)
-code = os.waitstatus_to_exitcode(status)
-sys.exit(code if code >= 0 else 128 - code)
-"""
-
-
 def run_timed(cmd: Command, env: dict[str, str], log_stem: Path) -> Measured:
-    """Run ``cmd`` to completion: wall clock, CPU and peak RSS of that process alone.
-
-    For a shell pipeline the rusage covers the shell and every process it waited for:
-    CPU times are summed, peak RSS is the largest single process.
-    """
-    out_path = log_stem.with_suffix(".out")
-    err_path = log_stem.with_suffix(".err")
-    usage_path = log_stem.with_suffix(".rusage.json")
-    argv = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(usage_path), *cmd.argv]
+    """Run ``cmd`` to completion: wall clock, CPU and peak RSS of that process alone
+    (through ``common.launch``), and the CPU time other processes took meanwhile."""
     # Flush what earlier runs left dirty (a restore writes 1x the checkpoint), so no run
     # pays for another's writeback. Not timed.
     os.sync()
     busy_before = busy_cpu_seconds()
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.run(
-            argv, cwd=cmd.cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err
-        )
+    child = launch(cmd.argv, env, log_stem, cwd=cmd.cwd)
     busy = busy_cpu_seconds() - busy_before
-    if proc.returncode != 0:
-        tail = err_path.read_text(errors="replace")[-2000:]
-        raise BenchError(f"{cmd.display()} exited {proc.returncode}:\n{tail}")
-    usage = json.loads(usage_path.read_text())
+    if child.returncode != 0:
+        tail = child.stderr()[-2000:]
+        raise BenchError(f"{cmd.display()} exited {child.returncode}:\n{tail}")
+    usage = child.usage()
     return Measured(
-        wall_s=usage["wall"],
-        user_s=usage["user"],
-        sys_s=usage["sys"],
-        maxrss_kib=usage["maxrss"],
-        other_cpu_s=max(0.0, busy - usage["user"] - usage["sys"]),
-        stdout=out_path.read_text(errors="replace"),
+        wall_s=usage.wall_s,
+        user_s=usage.user_s,
+        sys_s=usage.sys_s,
+        maxrss_kib=usage.maxrss_kib,
+        other_cpu_s=max(0.0, busy - usage.user_s - usage.sys_s),
+        stdout=child.stdout(),
     )
 
 
@@ -421,25 +399,21 @@ class Workspace:
     envs: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def repo(self, s: System) -> Path:
-        return self.root / "repos" / _slug(s.label)
+        return self.root / "repos" / slug(s.label)
 
     def log(self, s: System, phase: str) -> Path:
-        path = self.root / "logs" / f"{_slug(s.label)}-{_slug(phase)}"
+        path = self.root / "logs" / f"{slug(s.label)}-{slug(phase)}"
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
     def prepare(self) -> None:
         for s in self.systems:
-            state = self.root / "state" / _slug(s.label)
+            state = self.root / "state" / slug(s.label)
             state.mkdir(parents=True)
             env = {**self.base_env, "XDG_CACHE_HOME": str(state / "cache")}
             env["XDG_CONFIG_HOME"] = str(state / "config")
             self.envs[s.label] = {**env, **s.env(state)}
             s.init(self.repo(s), self.envs[s.label])
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
 @dataclass
@@ -498,7 +472,7 @@ class RepContext:
 
     def restore_all(self, expected: TreeDigest) -> None:
         for s in self.order():
-            dest = self.ws.root / "restore" / _slug(s.label)
+            dest = self.ws.root / "restore" / slug(s.label)
             dest.mkdir(parents=True)
             self.measure(s, "restore", s.restore(self.ws.repo(s), dest, NEWEST))
             verify_restore(dest, expected, f"{self.variant}/{s.label}/rep {self.rep}")
@@ -565,70 +539,22 @@ def summarize(samples: list[Sample]) -> dict[str, dict[str, dict[str, dict[str, 
 # Environment description
 
 
-def _first_line(argv: Sequence[str], env: dict[str, str] | None = None) -> str:
-    try:
-        out = subprocess.run(list(argv), capture_output=True, text=True, check=False, env=env)
-    except OSError:
-        return "not installed"
-    text = (out.stdout or out.stderr).strip()
-    return text.splitlines()[0] if text else "unknown"
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _mem_total() -> str:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    return "unknown"
-
-
-def _package_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def castore_source_digest() -> str:
-    """blake3 over castore's sources: which library code a run measured."""
-    h = blake3()
-    for path in sorted((ROOT / "castore").rglob("*.py")):
-        h.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def castore_version() -> str:
     env = {**os.environ, **_castore_env(Path(tempfile.gettempdir()))}
     code = "import castore; print(castore.__version__)"
-    return _first_line([sys.executable, "-c", code], env)
+    return first_line([sys.executable, "-c", code], env)
 
 
 def machine(workdir: Path) -> dict[str, str]:
-    fs = _first_line(["stat", "-f", "-c", "%T", str(workdir)])
     return {
-        "cpus (nproc)": str(os.cpu_count()),
-        "cpu model": _cpu_model(),
-        "memory": _mem_total(),
-        "kernel": platform.release(),
-        "work dir file system": fs,
-        "python": platform.python_version(),
+        **machine_basics(workdir),
         "castore": f"{castore_version()} (sources {castore_source_digest()})",
-        "pyfastcdc / blake3 / zstandard": " / ".join(
-            _package_version(p) for p in ("pyfastcdc", "blake3", "zstandard")
-        ),
-        "restic": _first_line(["restic", "version"]),
-        "borg": _first_line(["borg", "--version"]),
-        "zstd": _first_line(["zstd", "--version"]),
-        "gzip": _first_line(["gzip", "--version"]),
-        "tar": _first_line(["tar", "--version"]),
+        "pyfastcdc / blake3 / zstandard": package_versions("pyfastcdc", "blake3", "zstandard"),
+        "restic": first_line(["restic", "version"]),
+        "borg": first_line(["borg", "--version"]),
+        "zstd": first_line(["zstd", "--version"]),
+        "gzip": first_line(["gzip", "--version"]),
+        "tar": first_line(["tar", "--version"]),
     }
 
 
@@ -962,7 +888,7 @@ def build_report(
     digests = [r["castore_sources"] for r in result.reps] + [castore_source_digest()]
     return {
         "meta": {
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": utc_date(),
             "command": shlex.join(["python", *sys.argv]) if argv is None else shlex.join(argv),
             "mode": "quick" if args.quick else "full",
             "scale_mib": args.scale,

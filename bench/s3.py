@@ -41,10 +41,8 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import importlib.metadata
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -58,8 +56,23 @@ from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-MiB = 1024 * 1024
+sys.path.insert(0, str(BENCH))
+
+from common import (  # noqa: E402
+    NOT_INSTALLED,
+    ROOT,
+    MiB,
+    castore_source_digest,
+    first_line,
+    launch,
+    loopback_env,
+    machine_basics,
+    package_versions,
+    relative_to_root,
+    slug,
+    utc_date,
+)
+
 KEY = "bench"
 REMOTE = "castorebench"  # the rclone remote, defined only through environment variables
 QUICK_SCALE = 32
@@ -72,7 +85,9 @@ RCLONE_TUNED_FLAGS = (
     "--s3-chunk-size=8M",
 )
 NA = "n/a"
-NOT_INSTALLED = "not installed"
+# Dropped from the children's environment, with proxies: they get endpoint and
+# credentials from this script only.
+CLIENT_ENV_PREFIXES = ("AWS_", "RCLONE_", "GOOGLE_", "AZURE_")
 
 
 class BenchError(RuntimeError):
@@ -121,22 +136,6 @@ def worker(argv: Sequence[str]) -> int:
 # ---------------------------------------------------------------------------
 # Timed child processes
 
-# Linux charges the pre-exec image's peak RSS to the exec'd process, so children are
-# spawned by a tiny fresh launcher (about 8 MiB) rather than by this runner, whose RSS
-# grows while it generates the workload. The launcher reports wall time and rusage.
-_LAUNCHER = """
-import json, os, sys, time
-out, argv = sys.argv[1], sys.argv[2:]
-start = time.perf_counter()
-pid = os.posix_spawnp(argv[0], argv, os.environ)
-_, status, ru = os.wait4(pid, 0)
-wall = time.perf_counter() - start
-with open(out, "w") as f:
-    json.dump({"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime, "maxrss": ru.ru_maxrss}, f)
-code = os.waitstatus_to_exitcode(status)
-sys.exit(code if code >= 0 else 128 - code)
-"""
-
 
 @dataclass
 class Measured:
@@ -147,33 +146,14 @@ class Measured:
 
 
 def run_timed(argv: list[str], env: dict[str, str], log_stem: Path) -> Measured:
+    """Run ``argv`` through ``common.launch``: its wall time, CPU time and peak RSS."""
     log_stem.parent.mkdir(parents=True, exist_ok=True)
-    usage_path = log_stem.with_suffix(".rusage.json")
-    out_path, err_path = log_stem.with_suffix(".out"), log_stem.with_suffix(".err")
-    cmd = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(usage_path), *argv]
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-    if proc.returncode != 0:
-        tail = err_path.read_text(errors="replace")[-3000:]
-        raise BenchError(f"{shlex.join(argv)} exited {proc.returncode}:\n{tail}")
-    usage = json.loads(usage_path.read_text())
-    return Measured(
-        usage["wall"],
-        usage["user"] + usage["sys"],
-        usage["maxrss"] / 1024,
-        out_path.read_text(errors="replace"),
-    )
-
-
-def _clean_env() -> dict[str, str]:
-    """This environment without cloud credentials, CA overrides or proxies: the children
-    talk to 127.0.0.1 only, with exactly the configuration given here."""
-    drop = ("AWS_", "RCLONE_", "GOOGLE_", "AZURE_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
-        env.pop(name, None)
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    return env
+    child = launch(argv, env, log_stem)
+    if child.returncode != 0:
+        tail = child.stderr()[-3000:]
+        raise BenchError(f"{shlex.join(argv)} exited {child.returncode}:\n{tail}")
+    usage = child.usage()
+    return Measured(usage.wall_s, usage.cpu_s, usage.maxrss_mib, child.stdout())
 
 
 # ---------------------------------------------------------------------------
@@ -214,10 +194,10 @@ class Castore(System):
 
     def version(self) -> str:
         code = "import castore; print(castore.__version__)"
-        return _first_line([sys.executable, "-c", code], self.env())
+        return first_line([sys.executable, "-c", code], self.env())
 
     def env(self) -> dict[str, str]:
-        env = _clean_env()
+        env = loopback_env(CLIENT_ENV_PREFIXES)
         pythonpath = [str(self.source_root), *filter(None, [os.environ.get("PYTHONPATH")])]
         env["PYTHONPATH"] = os.pathsep.join(pythonpath)
         env["CASTORE_BENCH_OPTIONS"] = json.dumps(self.server.options)
@@ -251,10 +231,10 @@ class Rclone(System):
         return shutil.which("rclone") is not None
 
     def version(self) -> str:
-        return _first_line(["rclone", "version"]) if self.available() else NOT_INSTALLED
+        return first_line(["rclone", "version"]) if self.available() else NOT_INSTALLED
 
     def env(self) -> dict[str, str]:
-        env = _clean_env()
+        env = loopback_env(CLIENT_ENV_PREFIXES)
         name = f"RCLONE_CONFIG_{REMOTE.upper()}_"
         env.update(
             {
@@ -276,7 +256,7 @@ class Rclone(System):
 
     def reset(self, rep_dir: Path, prefix: str) -> None:
         super().reset(rep_dir, prefix)
-        self.config_file = rep_dir / f"{_slug(self.label)}.conf"
+        self.config_file = rep_dir / f"{slug(self.label)}.conf"
         self.config_file.parent.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text("")
 
@@ -288,19 +268,6 @@ class Rclone(System):
 
     def restore_argv(self, dest: Path) -> list[str]:
         return ["rclone", "copy", *self.flags, self._remote(), str(dest)]
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
-
-
-def _first_line(argv: Sequence[str], env: dict[str, str] | None = None) -> str:
-    try:
-        out = subprocess.run(list(argv), capture_output=True, text=True, check=False, env=env)
-    except OSError:
-        return NOT_INSTALLED
-    text = (out.stdout or out.stderr).strip()
-    return text.splitlines()[0] if text else "unknown"
 
 
 # ---------------------------------------------------------------------------
@@ -479,7 +446,7 @@ class Rep:
             time.sleep(delay)
 
     def measure(self, s: System, phase: str, argv: list[str], nbytes: int) -> Sample:
-        m = run_timed(argv, s.env(), self.root / "logs" / f"{_slug(s.label)}-{phase}")
+        m = run_timed(argv, s.env(), self.root / "logs" / f"{slug(s.label)}-{phase}")
         sample = Sample(
             self.variant, s.label, self.n, phase, m.wall_s, m.cpu_s, m.maxrss_mib, nbytes
         )
@@ -506,7 +473,7 @@ class Rep:
 
     def restore_all(self, expected: TreeDigest, nbytes: int) -> None:
         for s in self.order():
-            dest = self.root / "restore" / _slug(s.label)
+            dest = self.root / "restore" / slug(s.label)
             shutil.rmtree(dest, ignore_errors=True)
             dest.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(s, Rclone):
@@ -522,7 +489,7 @@ def run_rep(rep: Rep, work: Workload, run_id: str) -> None:
     src = rep.root / "src"
     shutil.rmtree(src, ignore_errors=True)
     for s in rep.systems:
-        prefix = f"{run_id}-{work.variant}-r{rep.n}-{_slug(s.label)}"
+        prefix = f"{run_id}-{work.variant}-r{rep.n}-{slug(s.label)}"
         s.reset(rep.root / "state" / f"rep{rep.n}", prefix)
 
     step0 = make_step(src, work.variant, 0, work.scale, in_place=True)
@@ -601,39 +568,6 @@ def ratios(summary: dict[str, Any], peer: str) -> dict[str, float | None]:
     }
 
 
-def _package_version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return NOT_INSTALLED
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _mem_total() -> str:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-    return "unknown"
-
-
-def castore_source_digest(root: Path = ROOT) -> str:
-    """blake3 over castore's sources under ``root``: which library code a run measured."""
-    from blake3 import blake3
-
-    h = blake3()
-    for path in sorted((root / "castore").rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def snapshot_sources(dest: Path) -> Path:
     """Copy the working tree's castore package to ``dest``: every process of the run
     imports that copy, so edits made to the tree meanwhile do not leak into a run."""
@@ -657,25 +591,16 @@ def machine(
     if castore_source_digest() != sources:
         sources += "; snapshot taken at the start, the working tree has changed since"
     return {
-        "cpus (nproc)": str(os.cpu_count()),
-        "cpu model": _cpu_model(),
-        "memory": _mem_total(),
-        "kernel": platform.release(),
-        "work dir file system": _first_line(["stat", "-f", "-c", "%T", str(workdir)]),
-        "python": platform.python_version(),
+        **machine_basics(workdir),
         "castore": f"{castore.version() if castore else NA} (sources {sources})",
-        "obstore / blake3 / zstandard / pyfastcdc": " / ".join(
-            _package_version(p) for p in ("obstore", "blake3", "zstandard", "pyfastcdc")
+        "obstore / blake3 / zstandard / pyfastcdc": package_versions(
+            "obstore", "blake3", "zstandard", "pyfastcdc"
         ),
         "rclone": rclone.version() if rclone else NA,
-        "S3 server": f"SeaweedFS {_first_line([server.weed, 'version'])} (weed mini, loopback)",
+        "S3 server": f"SeaweedFS {first_line([server.weed, 'version'])} (weed mini, loopback)",
         "load average 1/5/15 min, start": before["load"],
         "load average 1/5/15 min, end": _load(),
     }
-
-
-def _relative(path: Path) -> Path:
-    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def _f(x: float | None, digits: int = 2) -> str:
@@ -921,7 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = summarize(samples)
         json_path = out.with_suffix(".json")
         meta = {
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "date": utc_date(),
             "command": shlex.join([".venv/bin/python", "bench/s3.py", *argv]),
             "reps": reps,
             "settle_s": args.settle,
@@ -934,7 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for v, by_system in summary.items()
             },
             "missing": missing,
-            "json": str(_relative(json_path)),
+            "json": str(relative_to_root(json_path)),
             "total_run_s": time.perf_counter() - started,
         }
         out.parent.mkdir(parents=True, exist_ok=True)
