@@ -110,8 +110,11 @@ def _parse_options(
         value: Any = raw
         if raw.lower() in ("true", "false"):
             value = raw.lower() == "true"
-        elif raw.lstrip("-").isdigit():
-            value = int(raw)
+        else:
+            # Digits with at most one leading minus: "--5" or "1e3" stay strings.
+            with contextlib.suppress(ValueError):
+                if raw.removeprefix("-").isdigit():
+                    value = int(raw)
         options[name] = value
     return options
 

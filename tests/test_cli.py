@@ -161,3 +161,18 @@ def test_verify_names_a_corrupt_manifest_and_checks_the_others(tmp_path: Path) -
     report = json.loads(result.stdout)
     assert report["checkpoints"] == 3
     assert [p["checkpoint_id"] for p in report["problems"]] == [ids[1]]
+
+
+def test_store_options_become_ints_and_booleans_only_when_they_are() -> None:
+    from castore._cli import _parse_options
+
+    raw = ("workers=2", "level=-3", "a=--5", "b=1e3", "c=²", "allow_http=TRUE", "x=y=z")
+    assert _parse_options(None, None, raw) == {  # type: ignore[arg-type]
+        "workers": 2,
+        "level": -3,
+        "a": "--5",
+        "b": "1e3",
+        "c": "²",
+        "allow_http": True,
+        "x": "y=z",
+    }
