@@ -120,8 +120,14 @@ class FileChunker:
         if pool.size < 3 * params.max_size:
             raise ValueError("pool buffers must hold at least three max-size chunks")
         fits = all(0 < length <= params.max_size for _, length in guide)
-        self._guide: Sequence[tuple[str, int]] | None = guide if guide and fits else None
+        self._guide: Sequence[tuple[str, int]] = guide if fits else ()
+        self._guide_index: dict[str, int] = {}
+        for index, (blob_id, _) in enumerate(self._guide):
+            self._guide_index.setdefault(blob_id, index)
+        self._following = bool(self._guide)
         self._guided = 0
+        self.followed = 0
+        """How many chunks came from the guide, checked by hash, without cutting."""
         self._path = path
         self._file: io.FileIO | None = None
         self._cutter = params.new_cutter()
@@ -150,19 +156,9 @@ class FileChunker:
         filled += got
         eof = got < self._segment
         data = view[:filled]
-        chunks, ids = self._follow_guide(data, eof)
-        start = sum(len(c) for c in chunks)
-        if self._guide is not None and not (eof and start < filled):
-            # Still following: carry what the next guided chunk needs.
-            tail_start = start
-        else:
-            cuts = list(self._cutter.cut_buf(data[start:])) if start < filled else []
-            # The last cut may be forced by the segment's end: unless at EOF, re-cut it
-            # together with the next segment. The segment is at least two max-size
-            # chunks, so a batch before EOF always holds at least one final chunk.
-            tail_start = filled if eof or not cuts else start + cuts.pop().offset
-            chunks += [data[start + c.offset : start + c.offset + c.length] for c in cuts]
-            ids += [None] * len(cuts)
+        chunks: list[memoryview] = []
+        ids: list[str | None] = []
+        tail_start = self._chunk(data, eof, chunks, ids)
         self._carried = filled - tail_start
         self._carry[: self._carried] = data[tail_start:filled]
         if eof:
@@ -172,27 +168,63 @@ class FileChunker:
             return Batch([], None)
         return Batch(chunks, buffer, ids)
 
-    def _follow_guide(
-        self, data: memoryview, eof: bool
-    ) -> tuple[list[memoryview], list[str | None]]:
-        """The guided chunks that ``data`` holds whole and that still match; on the first
-        mismatch, or past the guide's end, the guide is dropped and cutting resumes.
-        The guide's last chunk was cut by the end of the file, not by its content: it
-        is followed only if it ends where this file ends."""
-        chunks: list[memoryview] = []
-        ids: list[str | None] = []
-        if self._guide is None:
-            return chunks, ids
+    def _chunk(
+        self, data: memoryview, eof: bool, chunks: list[memoryview], ids: list[str | None]
+    ) -> int:
+        """Append ``data``'s final chunks (and their ids where hashed); return where the
+        unfinished tail starts. Alternates between following the guide and cutting: a
+        cut chunk that equals one of the guide's realigns on it (a header that grew
+        shifts every offset, not the chunks after it)."""
         start = 0
+        while True:
+            if self._following:
+                start, waiting = self._follow_guide(data, start, eof, chunks, ids)
+                if waiting:
+                    return start
+            if start == len(data):
+                return start
+            cuts = list(self._cutter.cut_buf(data[start:]))
+            # The last cut may be forced by the segment's end: unless at EOF, re-cut it
+            # together with the next segment. The segment is at least two max-size
+            # chunks, so a batch before EOF always holds at least one final chunk.
+            final = cuts if eof else cuts[:-1]
+            for cut in final:
+                piece = data[start : start + cut.length]
+                blob_id = hash_bytes(piece) if self._guide_index else None
+                chunks.append(piece)
+                ids.append(blob_id)
+                start += cut.length
+                resume = self._guide_index.get(blob_id or "")
+                if resume is not None and resume + 1 < len(self._guide):
+                    self._following, self._guided = True, resume + 1
+                    break
+            else:
+                return start
+
+    def _follow_guide(
+        self,
+        data: memoryview,
+        start: int,
+        eof: bool,
+        chunks: list[memoryview],
+        ids: list[str | None],
+    ) -> tuple[int, bool]:
+        """Append the guided chunks from ``start`` that ``data`` holds whole and that
+        still match. Returns the new start and whether the next guided chunk waits for
+        the next read; following stops at the first mismatch or the guide's end. The
+        guide's last chunk was cut by the end of the file, not by its content: it is
+        followed only if it ends where this file ends."""
         while self._guided < len(self._guide):
             blob_id, length = self._guide[self._guided]
             if start + length > len(data):
-                return chunks, ids
-            if self._guided == len(self._guide) - 1:
-                if not eof:
-                    return chunks, ids  # decided by the next read, which sees the end
-                if start + length != len(data):
+                if eof:
                     break
+                return start, True
+            if self._guided == len(self._guide) - 1:
+                if start + length != len(data):
+                    break  # bytes follow: the file goes on past the guide's end
+                if not eof:
+                    return start, True  # decided by the next read, which sees the end
             piece = data[start : start + length]
             if hash_bytes(piece) != blob_id:
                 break
@@ -200,8 +232,9 @@ class FileChunker:
             ids.append(blob_id)
             start += length
             self._guided += 1
-        self._guide = None
-        return chunks, ids
+            self.followed += 1
+        self._following = False
+        return start, False
 
     def close(self) -> None:
         self.done = True

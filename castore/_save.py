@@ -74,8 +74,8 @@ class _FileWork:
 
 class SavePipeline:
     """One save. ``known`` are blob ids the store is trusted to hold already;
-    ``previous`` is the key's newest checkpoint, whose chunk boundaries guide the
-    reading of files at the same path with the same size."""
+    ``previous`` is the key's newest checkpoint, whose chunks guide the reading of
+    files at the same path."""
 
     def __init__(
         self,
@@ -203,10 +203,11 @@ class SavePipeline:
         """Read and cut one file, handing its batches of chunks to ``tg``; holds one of
         the ``_readers`` slots, acquired by the caller."""
         try:
-            guide = self._guides.get(w.entry.path)
-            if guide is None or guide[0] != w.entry.size:
-                guide = (0, [])
-            chunker = FileChunker(w.entry.abspath, self.options.chunks, self._pool, guide[1])
+            # Whatever changed in the file (a grown header shifts every offset), the
+            # chunks of its previous version are worth checking: cutting realigns on
+            # them after the change.
+            guide = self._guides.get(w.entry.path, [])
+            chunker = FileChunker(w.entry.abspath, self.options.chunks, self._pool, guide)
             try:
                 while not chunker.done:
                     # Budget first: the read itself takes a pool buffer of about a segment.
@@ -348,9 +349,9 @@ def _group(chunks: list[memoryview], size: int) -> list[list[memoryview]]:
     return [g for g in groups if g]
 
 
-def _guides(previous: Manifest) -> dict[str, tuple[int, list[tuple[str, int]]]]:
-    """Per file of ``previous`` stored as whole chunks: (size, [(blob id, length)])."""
-    guides: dict[str, tuple[int, list[tuple[str, int]]]] = {}
+def _guides(previous: Manifest) -> dict[str, list[tuple[str, int]]]:
+    """Per file of ``previous`` stored as whole chunks: [(blob id, length)]."""
+    guides: dict[str, list[tuple[str, int]]] = {}
     for entry in previous.entries:
         if entry.type != "file" or not entry.parts:
             continue
@@ -361,7 +362,7 @@ def _guides(previous: Manifest) -> dict[str, tuple[int, list[tuple[str, int]]]]:
                 break  # part of a bundle: a small file, never chunked
             chunks.append((blob_id, length))
         else:
-            guides[entry.path] = (entry.size, chunks)
+            guides[entry.path] = chunks
     return guides
 
 
