@@ -8,9 +8,11 @@ the whole file at once, while memory stays at one segment per reader (pyfastcdc'
 
 The same property lets a file be checked against the chunks it was cut into last
 time: as long as each of those chunks hashes to its id, the next cut would land where
-it did before; from the first chunk that differs, cutting takes over. Hashing runs
-about three times faster than cutting, so a checkpoint rewritten as new files with
-mostly the same bytes (``checkpoint-N`` directories) is read at hashing speed.
+it did before; from the first chunk that differs, cutting takes over, and once a cut
+chunk equals one of the old ones, the old chunks are followed again from there.
+Hashing runs about three times faster than cutting, so a checkpoint rewritten as new
+files with mostly the same bytes (``checkpoint-N`` directories, a grown header) is
+read at hashing speed.
 """
 
 from __future__ import annotations
@@ -114,9 +116,9 @@ class FileChunker:
         guide: Sequence[tuple[str, int]] = (),
     ) -> None:
         """``guide``: (blob id, length) of the chunks this file's previous version was
-        cut into, if it had the same size; checked by hash before cutting (see the
-        module docstring). A guide with chunks larger than ``params`` allows is
-        ignored: its carried tail would not fit."""
+        cut into; checked by hash before cutting (see the module docstring). A guide
+        with chunks larger than ``params`` allows is ignored: its carried tail would
+        not fit."""
         if pool.size < 3 * params.max_size:
             raise ValueError("pool buffers must hold at least three max-size chunks")
         fits = all(0 < length <= params.max_size for _, length in guide)
@@ -185,8 +187,8 @@ class FileChunker:
                 return start
             cuts = list(self._cutter.cut_buf(data[start:]))
             # The last cut may be forced by the segment's end: unless at EOF, re-cut it
-            # together with the next segment. The segment is at least two max-size
-            # chunks, so a batch before EOF always holds at least one final chunk.
+            # together with the next segment. What is left is never more than a
+            # max-size chunk, so it fits the carry buffer.
             final = cuts if eof else cuts[:-1]
             for cut in final:
                 piece = data[start : start + cut.length]
