@@ -176,3 +176,12 @@ def test_store_options_become_ints_and_booleans_only_when_they_are() -> None:
         "allow_http": True,
         "x": "y=z",
     }
+
+
+def test_demo_resumes_bit_exact_after_the_preemption(tmp_path: Path) -> None:
+    """The README's first command, small: attempt 0 is SIGKILLed mid-save, attempt 1
+    loads the newest committed checkpoint, checks it bit for bit, and goes on."""
+    result = _run("demo", "--size-mb", "16", "--steps", "4", "--dir", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "preempted (SIGKILL mid-save)" in result.stdout
+    assert "resumed state matches: yes" in result.stdout
