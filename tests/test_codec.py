@@ -141,3 +141,19 @@ def test_garbage_under_the_shuffle_codec_raises_integrity_error(payload: bytes, 
     header = struct.pack("<4sBBHQ", b"CSTB", 1, 2, 0, size)
     with pytest.raises(IntegrityError):
         decode_blob("0" * 64, header + payload)
+
+
+@pytest.mark.parametrize("level", [1, 0])
+def test_decoding_keeps_no_reference_to_the_blob(level: int) -> None:
+    # A leaked buffer export (python-blosc's cbuffer_validate never releases its
+    # argument) would keep every blob a restore fetched alive until exit.
+    import sys
+
+    raw = _bf16_like(random.Random(5), 200_000)
+    blob = encode_blob(raw, level)
+    assert _codec_of(blob) == (2 if level else 0)
+    before = sys.getrefcount(blob)
+    for _ in range(3):
+        decode_blob(hash_bytes(raw), blob)
+        decode_blob_into(hash_bytes(raw), blob, bytearray(len(raw)))
+    assert sys.getrefcount(blob) == before
