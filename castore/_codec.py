@@ -128,24 +128,23 @@ def _try_shuffled(
     probe: bytes | memoryview,
     plain_ratio: float,
 ) -> bytes | None:
-    """The chunk bit-shuffled, if its probe says that beats plain zstd; else None
-    (the caller goes on with plain zstd or raw)."""
+    """The blob of a chunk whose probe bit-shuffles better than plain zstd: blosc, or
+    plain zstd or raw if the whole chunk says otherwise. None if the probe does not
+    favour blosc (the caller goes on with plain zstd or raw)."""
     expected = len(_blosc_compress(probe)) / len(probe)
     if expected > min(plain_ratio * (1 - _SHUFFLE_MARGIN), 1 - _MIN_SAVING):
         return None
-    packed = _blosc_compress(raw)
     size = len(raw)
+    codec, packed = _CODEC_BLOSC, _blosc_compress(raw)
     if len(packed) > size * plain_ratio:
         # The chunk is less uniform than its probe (tensors of other alignments,
         # other data): keep the smaller of the two codecs.
         plain = comp.compress(raw)
         if len(plain) < len(packed):
-            if len(plain) > size * (1 - _MIN_SAVING):
-                return None
-            return _header(_CODEC_ZSTD, size) + plain
+            codec, packed = _CODEC_ZSTD, plain
     if len(packed) > size * (1 - _MIN_SAVING):
-        return None
-    return _header(_CODEC_BLOSC, size) + packed
+        return _header(_CODEC_RAW, size) + bytes(raw)
+    return _header(codec, size) + packed
 
 
 def _blosc_compress(data: bytes | memoryview) -> bytes:
