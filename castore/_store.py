@@ -157,13 +157,9 @@ class CheckpointStore:
             is_dir = await anyio.to_thread.run_sync(os.path.isdir, root)
             kind = "dir" if is_dir else "file"
             if self._stat_cache:
-                cache = await anyio.to_thread.run_sync(self._load_stat_cache, store_id)
-                if not trust_caches:
-                    cache.forget()
-                elif cache.generation != gc_at_start.generation:
-                    # A gc swept since the cache was written: trust only blobs that exist.
-                    cache.retain(await self.repo.existing_blobs())
-                cache.generation = gc_at_start.generation
+                cache = await self._open_stat_cache(
+                    store_id, gc_at_start.generation, trust=trust_caches
+                )
                 known |= cache.known_blobs()
             pipeline = SavePipeline(self.repo, self._save_options, known, cache, previous)
             if is_dir:
@@ -218,13 +214,14 @@ class CheckpointStore:
         manifest = await self.repo.read_manifest(ref)
         # The gc state before restoring: a sweep that starts later writes a newer
         # generation, which makes the next save re-check what this load vouches for.
-        gc_at_start = await self._gc_state.snapshot() if self._stat_cache else None
+        primes = self._stat_cache and manifest.kind != "bytes"
+        gc_at_start = await self._gc_state.snapshot() if primes else None
         if dest is None:
             import tempfile
 
             dest = await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="castore-"))
         target = await restore(self.repo, manifest, Path(dest), self._restore_options)
-        if gc_at_start is not None and not gc_at_start.sweeps and manifest.kind != "bytes":
+        if gc_at_start is not None and not gc_at_start.sweeps:
             try:
                 await self._prime_stat_cache(manifest, target, gc_at_start.generation)
             except CastoreError as exc:
@@ -340,11 +337,7 @@ class CheckpointStore:
     async def _prime_stat_cache(self, manifest: Manifest, root: Path, generation: str) -> None:
         """Make the files just restored count as unchanged for the next save, so a job
         that resumes from ``load()`` and saves again reads only what it rewrote."""
-        store_id = await self.repo.store_id()
-        cache = await anyio.to_thread.run_sync(self._load_stat_cache, store_id)
-        if cache.generation != generation and len(cache):
-            cache.retain(await self.repo.existing_blobs())
-        cache.generation = generation
+        cache = await self._open_stat_cache(await self.repo.store_id(), generation)
         latest = await anyio.to_thread.run_sync(cache.record_restored, str(root), manifest)
         await anyio.to_thread.run_sync(cache.save, str(root))
         # File systems stamp times at a coarse tick (1-10 ms). Returning only once a
@@ -353,6 +346,20 @@ class CheckpointStore:
         wait_ns = latest + _TIMESTAMP_TICK_NS - time.time_ns()
         if wait_ns > 0:
             await anyio.sleep(wait_ns / 1e9)
+
+    async def _open_stat_cache(
+        self, store_id: str, generation: str, trust: bool = True
+    ) -> StatCache:
+        """The stat cache, made valid for the gc ``generation`` seen now: if a sweep ran
+        since it was written, only entries whose blobs all still exist are kept (one
+        listing of the blobs). ``trust`` False: none of what it held is kept."""
+        cache = await anyio.to_thread.run_sync(self._load_stat_cache, store_id)
+        if not trust:
+            cache.forget()
+        if cache.generation != generation and len(cache):
+            cache.retain(await self.repo.existing_blobs())
+        cache.generation = generation
+        return cache
 
     def _load_stat_cache(self, store_id: str) -> StatCache:
         digest = blake3.blake3(self.key.encode()).hexdigest()[:16]
