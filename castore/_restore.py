@@ -14,9 +14,9 @@ import os
 import shutil
 import stat
 import threading
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 import anyio.to_thread
@@ -42,8 +42,6 @@ class RestoreOptions:
 Target = tuple[str, int, int, int]
 """(path inside the tree, offset in the file, offset in the blob, length)."""
 
-_BlobAction = Callable[[str, list[Target]], Awaitable[None]]
-
 
 async def restore(
     repo: Repository, manifest: Manifest, dest: Path, options: RestoreOptions
@@ -66,15 +64,11 @@ async def restore(
 
 async def read_payload(repo: Repository, manifest: Manifest, options: RestoreOptions) -> bytes:
     """The single file of a file or bytes checkpoint, in memory, verified."""
-    entry = manifest.entries[0]
-    out = bytearray(entry.size)
-
-    async def fetch(blob_id: str, targets: list[Target]) -> None:
-        raw = await repo.get_blob(blob_id)
-        for _, file_offset, blob_offset, length in targets:
-            out[file_offset : file_offset + length] = raw[blob_offset : blob_offset + length]
-
-    await _for_each_blob(manifest, options, fetch)
+    out = bytearray(manifest.entries[0].size)
+    plan = _plan(manifest)
+    await _write_blobs(
+        repo, manifest, _BatchWriter(repo, manifest, plan, {}, _MemorySink(out)), options
+    )
     return bytes(out)
 
 
@@ -88,32 +82,23 @@ def _plan(manifest: Manifest) -> dict[int, list[Target]]:
     return plan
 
 
-async def _for_each_blob(manifest: Manifest, options: RestoreOptions, action: _BlobAction) -> None:
-    budget = ByteBudget(options.max_bytes_in_flight)
-
-    async def run(blob_id: str, targets: list[Target], granted: int) -> None:
-        try:
-            await action(blob_id, targets)
-        finally:
-            budget.release(granted)
-
-    async with task_group() as tg:
-        for index, targets in _plan(manifest).items():
-            blob_id, size = manifest.blobs[index]
-            # Encoded and decoded copies are alive at once while a blob is written.
-            granted = await budget.acquire(2 * size)
-            tg.start_soon(run, blob_id, targets, granted)
-
-
 async def _fill_files(
     repo: Repository, manifest: Manifest, dest: Path, tmp: Path, options: RestoreOptions
 ) -> None:
-    """Write every file's bytes, a batch of blobs per thread hop. A blob whose bytes
-    an existing file at ``dest`` already holds (verified by hash) is copied from there
-    instead of fetched, so restoring over a previous state moves only what changed."""
+    """Write every file's bytes. A blob whose bytes an existing file at ``dest``
+    already holds (verified by hash) is copied from there instead of fetched, so
+    restoring over a previous state moves only what changed."""
     plan = _plan(manifest)
     local = await anyio.to_thread.run_sync(_local_candidates, dest, manifest)
-    writer = _BatchWriter(repo, manifest, plan, local, str(tmp))
+    writer = _BatchWriter(repo, manifest, plan, local, _FileSink(str(tmp)))
+    await _write_blobs(repo, manifest, writer, options)
+
+
+async def _write_blobs(
+    repo: Repository, manifest: Manifest, writer: _BatchWriter, options: RestoreOptions
+) -> None:
+    """Every blob of ``writer``'s plan through ``writer``, a batch of blobs per thread
+    hop, with at most ``max_bytes_in_flight`` (encoded and decoded) held at once."""
     limiter = anyio.CapacityLimiter(options.workers * 2 if writer.blocking else options.workers)
     budget = ByteBudget(options.max_bytes_in_flight)
 
@@ -132,7 +117,7 @@ async def _fill_files(
             budget.release(granted)
 
     async with task_group() as tg:
-        for batch, raw_bytes in _batches(manifest, list(plan), _BATCH_BYTES):
+        for batch, raw_bytes in _batches(manifest, list(writer.plan), _BATCH_BYTES):
             # Encoded and decoded copies are alive at once while a blob is written.
             granted = await budget.acquire(2 * raw_bytes)
             tg.start_soon(run, batch, granted)
@@ -203,12 +188,12 @@ class _BatchWriter:
         manifest: Manifest,
         plan: dict[int, list[Target]],
         local: dict[int, tuple[str, int]],
-        root: str,
+        sink: _Sink,
     ) -> None:
         self.manifest = manifest
         self.plan = plan
         self.local = local
-        self.root = root
+        self.sink = sink
         self.blocking = repo.blocking()
         largest = max((size for _, size in manifest.blobs), default=0)
         # Blobs beyond this (only possible with unusual chunk settings) get buffers of
@@ -265,16 +250,40 @@ class _BatchWriter:
 
     def _write(self, index: int, raw: memoryview) -> None:
         for path, file_offset, blob_offset, length in self.plan[index]:
-            fd = os.open(os.path.join(self.root, path), os.O_WRONLY | _O_NOFOLLOW)
-            try:
-                piece = raw[blob_offset : blob_offset + length]
-                position = file_offset
-                while piece:
-                    written = os.pwrite(fd, piece, position)
-                    piece = piece[written:]
-                    position += written
-            finally:
-                os.close(fd)
+            self.sink.write(path, file_offset, raw[blob_offset : blob_offset + length])
+
+
+class _Sink(Protocol):
+    """Where a restore's verified bytes go; called from worker threads."""
+
+    def write(self, path: str, offset: int, data: memoryview) -> None: ...
+
+
+class _FileSink:
+    """Into the preallocated files of a tree being restored under ``root``."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def write(self, path: str, offset: int, data: memoryview) -> None:
+        fd = os.open(os.path.join(self.root, path), os.O_WRONLY | _O_NOFOLLOW)
+        try:
+            while data:
+                written = os.pwrite(fd, data, offset)
+                data = data[written:]
+                offset += written
+        finally:
+            os.close(fd)
+
+
+class _MemorySink:
+    """Into one buffer: the single file of a file or bytes checkpoint."""
+
+    def __init__(self, out: bytearray) -> None:
+        self.out = out
+
+    def write(self, path: str, offset: int, data: memoryview) -> None:
+        self.out[offset : offset + len(data)] = data
 
 
 def _check_dest(dest: Path) -> Path:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from treeutil import materialize, snapshot, trees
 
 import castore
@@ -51,9 +53,21 @@ def test_tree_roundtrip_is_bit_exact(kind: str, spec: dict[str, object]) -> None
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.parametrize("kind", ["memory", "local"])
 @settings(max_examples=30, deadline=None)
-@given(data=__import__("hypothesis").strategies.binary(max_size=200_000))
-def test_bytes_roundtrip(data: bytes) -> None:
-    store = castore.CheckpointStore("memory://", key="b", **SMALL)
-    store.write_sync(data)
-    assert store.read_sync() == data
+@given(
+    pieces=st.lists(
+        st.tuples(st.integers(0, 40_000), st.integers(0, 2**32), st.integers(1, 4)), max_size=6
+    ),
+    text=st.binary(max_size=3000),
+)
+def test_bytes_roundtrip(kind: str, pieces: list[tuple[int, int, int]], text: bytes) -> None:
+    # Pieces repeated in place give chunks that fill several places of the payload.
+    data = text + b"".join(random.Random(seed).randbytes(n) * times for n, seed, times in pieces)
+    base = Path(tempfile.mkdtemp(prefix="castore-bytes-"))
+    try:
+        store = castore.CheckpointStore(_store_url(kind, base), key="b", **SMALL)
+        store.write_sync(data)
+        assert store.read_sync() == data
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

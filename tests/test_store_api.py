@@ -152,6 +152,21 @@ async def test_corrupt_blob_fails_the_load_and_leaves_dest_untouched(tmp_path: P
     assert sorted(p.name for p in dest.iterdir()) == ["precious.txt"]
 
 
+async def test_corrupt_blob_fails_read(tmp_path: Path) -> None:
+    store = _store((tmp_path / "store").as_uri(), tmp_path)
+    payload = os.urandom(300_000)
+    await store.write(payload)
+    victim = max(
+        (p for p in (tmp_path / "store" / "blobs").rglob("*") if p.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
+    data = bytearray(victim.read_bytes())
+    data[-100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(castore.IntegrityError):
+        await store.read()
+
+
 async def test_load_replaces_an_existing_destination(url: str, tmp_path: Path) -> None:
     store = _store(url, tmp_path)
     await store.save(_tree(tmp_path / "src"))
