@@ -206,9 +206,20 @@ def machine_basics(workdir: Path) -> dict[str, str]:
         "cpu model": cpu_model(),
         "memory": mem_total(),
         "kernel": platform.release(),
-        "work dir file system": first_line(["stat", "-f", "-c", "%T", str(workdir)]),
+        "work dir file system": file_system(workdir),
         "python": platform.python_version(),
     }
+
+
+def file_system(path: Path) -> str:
+    """The type of the file system holding ``path``: findmnt names ext4 as such, where
+    ``stat -f`` says "ext2/ext3" (they share a magic number)."""
+    argv = ["findmnt", "-n", "-o", "FSTYPE", "--target", str(path)]
+    with contextlib.suppress(OSError):
+        out = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    return first_line(["stat", "-f", "-c", "%T", str(path)])
 
 
 def castore_source_digest(root: Path = ROOT) -> str:

@@ -24,6 +24,7 @@ import anyio.to_thread
 from ._budget import ByteBudget
 from ._codec import decode_blob_into, hash_bytes
 from ._errors import UsageError
+from ._fileio import pwrite_all
 from ._manifest import Manifest
 from ._repository import Repository
 from ._taskgroup import task_group
@@ -268,10 +269,7 @@ class _FileSink:
     def write(self, path: str, offset: int, data: memoryview) -> None:
         fd = os.open(os.path.join(self.root, path), os.O_WRONLY | _O_NOFOLLOW)
         try:
-            while data:
-                written = os.pwrite(fd, data, offset)
-                data = data[written:]
-                offset += written
+            pwrite_all(fd, data, offset)
         finally:
             os.close(fd)
 

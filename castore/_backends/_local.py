@@ -21,6 +21,7 @@ import anyio
 import anyio.to_thread
 
 from .._errors import ObjectNotFoundError, StorageError, StoragePermissionError, UsageError
+from .._fileio import pwrite_all
 from ._base import Backend, BlockingAccess, ObjectInfo
 
 __all__ = ["LocalBackend"]
@@ -91,9 +92,7 @@ class LocalBackend(Backend):
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
+                    pwrite_all(fd, data, 0)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
