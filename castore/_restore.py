@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from ._errors import UsageError
 from ._fileio import pwrite_all
 from ._manifest import Manifest
 from ._repository import Repository
+from ._scan import present_files
 from ._taskgroup import task_group
 
 __all__ = ["RestoreOptions", "read_payload", "restore"]
@@ -66,10 +66,7 @@ async def restore(
 async def read_payload(repo: Repository, manifest: Manifest, options: RestoreOptions) -> bytes:
     """The single file of a file or bytes checkpoint, in memory, verified."""
     out = bytearray(manifest.entries[0].size)
-    plan = _plan(manifest)
-    await _write_blobs(
-        repo, manifest, _BatchWriter(repo, manifest, plan, {}, _MemorySink(out)), options
-    )
+    await _write_blobs(repo, _BatchWriter(repo, manifest, {}, _MemorySink(out)), options)
     return bytes(out)
 
 
@@ -89,15 +86,12 @@ async def _fill_files(
     """Write every file's bytes. A blob whose bytes an existing file at ``dest``
     already holds (verified by hash) is copied from there instead of fetched, so
     restoring over a previous state moves only what changed."""
-    plan = _plan(manifest)
     local = await anyio.to_thread.run_sync(_local_candidates, dest, manifest)
-    writer = _BatchWriter(repo, manifest, plan, local, _FileSink(str(tmp)))
-    await _write_blobs(repo, manifest, writer, options)
+    writer = _BatchWriter(repo, manifest, local, _FileSink(str(tmp)))
+    await _write_blobs(repo, writer, options)
 
 
-async def _write_blobs(
-    repo: Repository, manifest: Manifest, writer: _BatchWriter, options: RestoreOptions
-) -> None:
+async def _write_blobs(repo: Repository, writer: _BatchWriter, options: RestoreOptions) -> None:
     """Every blob of ``writer``'s plan through ``writer``, a batch of blobs per thread
     hop, with at most ``max_bytes_in_flight`` (encoded and decoded) held at once."""
     limiter = anyio.CapacityLimiter(options.workers * 2 if writer.blocking else options.workers)
@@ -112,13 +106,13 @@ async def _write_blobs(
             fetched: dict[int, bytes] = {}
             async with task_group() as fetches:
                 for index in missing:
-                    fetches.start_soon(_fetch_into, repo, manifest, index, fetched)
+                    fetches.start_soon(_fetch_into, repo, writer.manifest, index, fetched)
             await anyio.to_thread.run_sync(writer.write_batch, missing, fetched, limiter=limiter)
         finally:
             budget.release(granted)
 
     async with task_group() as tg:
-        for batch, raw_bytes in _batches(manifest, list(writer.plan), _BATCH_BYTES):
+        for batch, raw_bytes in _batches(writer.manifest, list(writer.plan), _BATCH_BYTES):
             # Encoded and decoded copies are alive at once while a blob is written.
             granted = await budget.acquire(2 * raw_bytes)
             tg.start_soon(run, batch, granted)
@@ -157,16 +151,7 @@ def _local_candidates(dest: Path, manifest: Manifest) -> dict[int, tuple[str, in
     if not dest.is_dir():
         return {}
     found: dict[int, tuple[str, int]] = {}
-    for entry in manifest.entries:
-        if entry.type != "file" or not entry.parts:
-            continue
-        path = os.path.join(dest, entry.path)
-        try:
-            st = os.lstat(path)
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
+    for entry, path, st in present_files(str(dest), manifest):
         position = 0
         for index, blob_offset, length in entry.parts:
             whole = blob_offset == 0 and length == manifest.blobs[index][1]
@@ -187,12 +172,11 @@ class _BatchWriter:
         self,
         repo: Repository,
         manifest: Manifest,
-        plan: dict[int, list[Target]],
         local: dict[int, tuple[str, int]],
         sink: _Sink,
     ) -> None:
         self.manifest = manifest
-        self.plan = plan
+        self.plan = _plan(manifest)
         self.local = local
         self.sink = sink
         self.blocking = repo.blocking()

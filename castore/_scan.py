@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ._errors import SourceNotFoundError, UsageError
+from ._manifest import Entry, Manifest
 from ._types import EntryType
 
-__all__ = ["ScannedEntry", "StatKey", "scan_file", "scan_tree", "stat_key"]
+__all__ = ["ScannedEntry", "StatKey", "present_files", "scan_file", "scan_tree", "stat_key"]
 
 StatKey = tuple[int, int, int, int]
 """(size, mtime_ns, ctime_ns, inode): a file whose StatKey is unchanged was not rewritten."""
@@ -79,6 +81,21 @@ def _name(name: str, where: str) -> str:
 
 def stat_key(st: os.stat_result) -> StatKey:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def present_files(root: str, manifest: Manifest) -> Iterator[tuple[Entry, str, os.stat_result]]:
+    """The file entries of ``manifest`` that exist under ``root`` as regular files (not
+    followed through a symlink): (entry, path, its lstat)."""
+    for entry in manifest.entries:
+        if entry.type != "file":
+            continue
+        path = os.path.join(root, entry.path)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            yield entry, path, st
 
 
 def _entry(rel: str, abspath: str, st: os.stat_result) -> ScannedEntry | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import zstandard
 
 from ._manifest import Manifest
-from ._scan import StatKey, stat_key
+from ._scan import StatKey, present_files, stat_key
 
 __all__ = ["RECENT_NS", "FilePart", "StatCache"]
 
@@ -80,19 +79,9 @@ class StatCache:
         change time (ns) among the files recorded, 0 if none."""
         now = time.time_ns()
         latest = 0
-        for entry in manifest.entries:
-            if entry.type != "file" or entry.mtime_ns is None:
-                continue
-            path = os.path.join(root, entry.path)
-            try:
-                st = os.lstat(path)
-            except OSError:
-                continue
-            if (
-                not stat.S_ISREG(st.st_mode)
-                or st.st_size != entry.size
-                or st.st_mtime_ns != entry.mtime_ns
-            ):
+        for entry, path, st in present_files(root, manifest):
+            as_restored = st.st_size == entry.size and st.st_mtime_ns == entry.mtime_ns
+            if entry.mtime_ns is None or not as_restored:
                 continue
             parts = [
                 (*manifest.blobs[index], offset, length) for index, offset, length in entry.parts
