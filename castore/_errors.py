@@ -2,9 +2,13 @@
 
     CastoreError
     ├── UsageError (ValueError)            the caller asked for something that cannot work
-    │   └── InvalidURLError                a store URL castore cannot open
+    │   ├── InvalidURLError                a store URL castore cannot open
+    │   └── DestinationError               load() would replace data it must not
     ├── SourceNotFoundError (FileNotFoundError)   the path given to save() does not exist
+    ├── SourceChangedError                 a file kept changing while save() read it
+    ├── LocalFileError (OSError)           a local file or directory could not be read or written
     ├── CheckpointNotFoundError (LookupError)     no checkpoint has the requested id
+    ├── StoreNotFoundError (LookupError)   no castore store at the URL
     ├── IntegrityError                     stored data is corrupt, missing or unsafe
     └── StorageError                       the object store failed
         ├── ObjectNotFoundError            a key that should exist does not
@@ -21,13 +25,17 @@ from __future__ import annotations
 __all__ = [
     "CastoreError",
     "CheckpointNotFoundError",
+    "DestinationError",
     "IntegrityError",
     "InvalidURLError",
+    "LocalFileError",
     "ObjectNotFoundError",
+    "SourceChangedError",
     "SourceNotFoundError",
     "StorageError",
     "StoragePermissionError",
     "StorageUnavailableError",
+    "StoreNotFoundError",
     "UsageError",
 ]
 
@@ -44,12 +52,35 @@ class InvalidURLError(UsageError):
     """The store URL has an unknown scheme or a malformed location."""
 
 
+class DestinationError(UsageError):
+    """``load()`` was asked to replace a destination it must not: a directory that
+    holds other data (pass ``overwrite=True`` to replace it), or one that contains the
+    store, the cache directory, the current directory or the home directory (never
+    replaced). Nothing was changed."""
+
+
 class SourceNotFoundError(CastoreError, FileNotFoundError):
     """The directory or file passed to ``save()`` does not exist."""
 
 
+class SourceChangedError(CastoreError):
+    """A file kept changing (or vanished) while ``save()`` read it, so no consistent
+    copy of it could be taken. Nothing was committed; the message names the file."""
+
+
+class LocalFileError(CastoreError, OSError):
+    """A file or directory on this machine could not be read or written: permission
+    denied, no space left, a name too long, too many levels of symlinks, a file too
+    large. The message names the path; the operating system's error is the cause."""
+
+
 class CheckpointNotFoundError(CastoreError, LookupError):
     """No checkpoint with the requested id exists in the store."""
+
+
+class StoreNotFoundError(CastoreError, LookupError):
+    """There is no castore store at the URL (no ``castore.json``). Only ``save()``
+    creates a store; every other operation requires an existing one."""
 
 
 class IntegrityError(CastoreError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 __all__ = ["Backend", "BackendWrapper", "BlockingAccess", "ObjectInfo"]
@@ -81,6 +82,12 @@ class Backend(abc.ABC):
         """Blocking access for worker threads, if this backend is local I/O."""
         return None
 
+    @property
+    def local_root(self) -> Path | None:
+        """The directory holding the store, if it lives on this machine's file system
+        (a restore must never replace it)."""
+        return None
+
     async def flush(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Make every completed put durable. Object stores are durable on return."""
 
@@ -118,6 +125,10 @@ class BackendWrapper(Backend):
 
     async def head(self, key: str) -> ObjectInfo | None:
         return await self.inner.head(key)
+
+    @property
+    def local_root(self) -> Path | None:
+        return self.inner.local_root
 
     # blocking() stays None: a wrapper's behaviour (retries, faults) lives in its async
     # methods, which a blocking shortcut would bypass.

@@ -45,6 +45,10 @@ class LocalBackend(Backend):
     def blocking(self) -> BlockingAccess:
         return _LocalBlocking(self)
 
+    @property
+    def local_root(self) -> Path:
+        return self.root
+
     async def get(self, key: str) -> bytes:
         return await anyio.to_thread.run_sync(self._get_sync, key)
 
