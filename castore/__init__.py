@@ -6,6 +6,7 @@ path = await store.load("checkpoints/")  # on the next attempt: back where it wa
 """
 
 from ._errors import (
+    BlobMissingError,
     CastoreError,
     CheckpointNotFoundError,
     DestinationError,
@@ -23,12 +24,15 @@ from ._errors import (
 )
 from ._gc import GcPlan, GcReport
 from ._maintenance import Maintenance, StoreStats, VerifyProblem, VerifyReport
+from ._repair import BrokenCheckpoint, RepairPlan, RepairReport
 from ._store import CheckpointStore
 from ._types import CheckpointContents, CheckpointInfo, EntryInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlobMissingError",
+    "BrokenCheckpoint",
     "CastoreError",
     "CheckpointContents",
     "CheckpointInfo",
@@ -43,6 +47,8 @@ __all__ = [
     "LocalFileError",
     "Maintenance",
     "ObjectNotFoundError",
+    "RepairPlan",
+    "RepairReport",
     "SourceChangedError",
     "SourceNotFoundError",
     "StorageError",

@@ -288,8 +288,15 @@ def gc(
         "mark_blobs": plan.mark_blobs,
         "mark_bytes": plan.mark_bytes,
         "grace_seconds": grace,
+        "damaged": list(plan.damaged),
         "dry_run": dry_run,
     }
+    if plan.damaged:
+        click.echo(
+            f"warning: {len(plan.damaged)} checkpoint(s) have unreadable manifests; no blob "
+            "is deleted until `castore repair --forget` removes them",
+            err=True,
+        )
     if not as_json:
         click.echo(
             f"plan: expire {len(plan.expire)} checkpoint(s), keep {len(plan.keep)}; delete "
@@ -323,6 +330,8 @@ def gc(
         f"{_size(report.freed_bytes)}; marked {report.marked_blobs} blob(s)"
         + ("" if report.complete else "; stopped early, run gc again"),
     )
+    if plan.damaged or report.damaged:
+        sys.exit(1)
 
 
 @cli.command()
@@ -357,6 +366,87 @@ def verify(url: str | None, key_pattern: str, full: bool, sample: float, as_json
         + ("ok" if report.ok else f"{len(report.problems)} problem(s)")
     )
     _emit(as_json, data, "\n".join(lines))
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("url", required=False, envvar="CASTORE_URL")
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="A directory (or file) holding the files as a checkpoint saved them: missing "
+    "or corrupt blobs are stored again from it.",
+)
+@click.option(
+    "--forget", is_flag=True, help="Remove the checkpoints that stay broken, and unreadable ones."
+)
+@click.option("--full", is_flag=True, help="Re-hash every blob, to find corrupt ones too.")
+@click.option(
+    "--key", "key_pattern", default="*", show_default=True, help="Keys to repair (pattern)."
+)
+@click.option("--dry-run", is_flag=True, help="Show the plan and change nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def repair(
+    url: str | None,
+    source: Path | None,
+    forget: bool,
+    full: bool,
+    key_pattern: str,
+    dry_run: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Mend what verify finds: store missing or corrupt blobs again --from a copy of the
+    files, and --forget the checkpoints that cannot be mended. Exits 1 if any checkpoint
+    stays broken."""
+    admin = _admin(url)
+    plan = admin.plan_repair_sync(source, forget=forget, full=full, key_pattern=key_pattern)
+    summary: dict[str, Any] = {
+        "checkpoints": plan.checkpoints,
+        "damaged": [dataclasses.asdict(b) for b in plan.damaged],
+        "missing_blobs": list(plan.missing_blobs),
+        "corrupt_blobs": list(plan.corrupt_blobs),
+        "mendable_blobs": list(plan.mendable_blobs),
+        "broken": [dataclasses.asdict(b) for b in plan.broken],
+        "forget": [b.id for b in plan.to_forget],
+        "dry_run": dry_run,
+    }
+    if not as_json:
+        if plan.ok:
+            click.echo(f"nothing to repair: {plan.checkpoints} checkpoint(s) are intact")
+            return
+        click.echo(
+            f"found {len(plan.damaged)} unreadable manifest(s), {len(plan.missing_blobs)} "
+            f"missing and {len(plan.corrupt_blobs)} corrupt blob(s)"
+        )
+        if source is not None:
+            click.echo(f"  {len(plan.mendable_blobs)} blob(s) can be stored again from {source}")
+        for b in plan.damaged + plan.broken:
+            verb = "forget" if plan.forget else "broken"
+            click.echo(f"  {verb} {b.id}  {b.key} #{b.seq}: {b.reason}")
+    if dry_run or plan.ok:
+        if as_json:
+            _emit(True, summary, "")
+        return
+    if not yes and sys.stdin.isatty() and plan.to_forget:
+        click.confirm(f"remove {len(plan.to_forget)} checkpoint(s)?", abort=True)
+    report = admin.repair_sync(plan)
+    summary.update(
+        stored_blobs=report.stored_blobs,
+        forgotten=list(report.forgotten),
+        still_broken=[dataclasses.asdict(b) for b in report.broken],
+    )
+    _emit(
+        as_json,
+        summary,
+        f"stored {report.stored_blobs} blob(s) again; forgot {len(report.forgotten)} "
+        f"checkpoint(s); {len(report.broken)} still broken"
+        + ("" if report.ok else ": run again with --from DIR or --forget"),
+    )
     if not report.ok:
         sys.exit(1)
 

@@ -10,6 +10,7 @@
     ├── CheckpointNotFoundError (LookupError)     no checkpoint has the requested id
     ├── StoreNotFoundError (LookupError)   no castore store at the URL
     ├── IntegrityError                     stored data is corrupt, missing or unsafe
+    │   └── BlobMissingError               a blob a checkpoint needs is not in the store
     └── StorageError                       the object store failed
         ├── ObjectNotFoundError            a key that should exist does not
         ├── StoragePermissionError         credentials refused
@@ -23,6 +24,7 @@ libraries below (obstore, the OS) are translated at the backend boundary with
 from __future__ import annotations
 
 __all__ = [
+    "BlobMissingError",
     "CastoreError",
     "CheckpointNotFoundError",
     "DestinationError",
@@ -90,6 +92,19 @@ class IntegrityError(CastoreError):
     manifest is malformed, or when a manifest names a path that would escape the
     restore destination. A restore that raises this leaves the destination untouched.
     """
+
+
+class BlobMissingError(IntegrityError):
+    """A blob that a checkpoint references is not in the store (deleted by hand, lost
+    by the storage, or never written). ``blob_id`` names it. ``castore repair`` stores
+    it again from a copy of the files, or forgets the checkpoints that need it."""
+
+    def __init__(self, message: str, blob_id: str) -> None:
+        super().__init__(message)
+        self.blob_id = blob_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (str(self), self.blob_id))
 
 
 class StorageError(CastoreError):

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import anyio
 
 from ._clock import Clock
-from ._errors import UsageError
+from ._errors import IntegrityError, UsageError
 from ._gcguard import CLAIM_TTL, COMMIT_WINDOW, SWEEP_TTL
 from ._gcstate import CandidateRecord, GcState
 from ._manifest import Manifest
-from ._repository import ManifestRef, Repository, blob_key
+from ._repository import ManifestRef, Repository, blob_key, warn_damaged
 
 __all__ = ["GcPlan", "GcReport", "RetentionPolicy", "plan_gc"]
 
@@ -61,7 +61,11 @@ class GcReport:
     marked_blobs: int
     marked_bytes: int
     complete: bool
-    """False if the sweep stopped early (it ran too long); the next run continues."""
+    """False if the sweep stopped early (it ran too long, or found damaged manifests);
+    the next run continues."""
+    damaged: tuple[str, ...] = ()
+    """Checkpoints whose manifests cannot be read. While there are any, no blob is
+    deleted: they might reference it. ``castore repair --forget`` removes them."""
 
 
 @dataclass
@@ -83,6 +87,9 @@ class GcPlan:
     mark_bytes: int
     total_blobs: int
     total_bytes: int
+    damaged: tuple[str, ...]
+    """Checkpoints whose manifests cannot be read: while there are any, nothing is
+    deleted or marked (they might reference any blob)."""
     _repo: Repository = field(repr=False)
     _state: GcState = field(repr=False)
     _clock: Clock = field(repr=False)
@@ -110,7 +117,8 @@ async def plan_gc(repo: Repository, policy: RetentionPolicy, grace: float, clock
     state = GcState(repo.backend)
     now = clock.now()
     refs = await repo.list_manifests()
-    summaries = await _summarize(repo, refs, {})
+    damaged: list[str] = []
+    summaries = await _summarize(repo, refs, {}, damaged)
     pinned = await state.pinned()
     expire = _expired(list(summaries.values()), policy, pinned, now)
     expired_ids = {r.id for r in expire}
@@ -119,7 +127,9 @@ async def plan_gc(repo: Repository, policy: RetentionPolicy, grace: float, clock
     blobs = await _list_blobs(repo)
     records = list((await state.snapshot()).records)
     deletable, markable = _decide(blobs, referenced, set(), records, now, grace)
-    if grace == 0:
+    if damaged:
+        deletable, markable = set(), set()
+    elif grace == 0:
         # Nothing waits for a later run: what would be marked is deleted at once.
         deletable |= markable
         markable = set()
@@ -133,6 +143,7 @@ async def plan_gc(repo: Repository, policy: RetentionPolicy, grace: float, clock
         mark_bytes=sum(blobs[b].size for b in markable),
         total_blobs=len(blobs),
         total_bytes=sum(b.size for b in blobs.values()),
+        damaged=tuple(sorted(damaged)),
         _repo=repo,
         _state=state,
         _clock=clock,
@@ -152,17 +163,22 @@ class _Summary:
 
 
 async def _summarize(
-    repo: Repository, refs: list[ManifestRef], known: dict[str, _Summary]
+    repo: Repository, refs: list[ManifestRef], known: dict[str, _Summary], damaged: list[str]
 ) -> dict[str, _Summary]:
     """Summaries of ``refs``; manifests are immutable, so those in ``known`` are not
-    read again. Manifests deleted since the listing are left out."""
+    read again. Manifests deleted since the listing are left out; the ids of those
+    that cannot be read are added to ``damaged``, with a warning."""
     out = {ref.id: known[ref.id] for ref in refs if ref.id in known}
 
     def summarize(ref: ManifestRef, m: Manifest) -> None:
         blobs = frozenset(sys.intern(b) for b, _ in m.blobs)
         out[ref.id] = _Summary(ref, m.created_at, m.pinned, blobs)
 
-    await repo.each_manifest((r for r in refs if r.id not in known), summarize)
+    def note_damaged(ref: ManifestRef, exc: IntegrityError) -> None:
+        warn_damaged(ref, exc)
+        damaged.append(ref.id)
+
+    await repo.each_manifest((r for r in refs if r.id not in known), summarize, note_damaged)
     return out
 
 
@@ -244,7 +260,11 @@ async def _sweep(
         # claim we miss will see the marker and wait for us (docs/gc.md).
         claimed = await state.claimed_blobs(clock.now(), CLAIM_TTL)
         # Every manifest listed now counts; only those committed since the plan are read.
-        summaries = await _summarize(repo, await repo.list_manifests(), known)
+        damaged: list[str] = []
+        summaries = await _summarize(repo, await repo.list_manifests(), known, damaged)
+        if damaged:
+            # A manifest that cannot be read may reference any blob: delete nothing.
+            return GcReport((), 0, 0, 0, 0, complete=False, damaged=tuple(sorted(damaged)))
         referenced = _referenced(summaries.values())
         blobs = await _list_blobs(repo)
         records = list((await state.snapshot()).records)

@@ -4,6 +4,8 @@
     gc/sweeping/<ms>-<rand>     present while a gc run may be deleting blobs
     gc/generation/<ms>-<rand>   written by every sweep before it deletes anything
     gc/claims/<checkpoint id>   candidate blobs a writer is about to reference
+    gc/damaged/<ms>-<rand>      blobs found missing (by verify or a load): no save may
+                                trust them to exist until they are stored again
     pins/<checkpoint id>        a checkpoint that retention never expires
 
 Records and claims are zstd-compressed JSON. Everything here is plain objects written
@@ -23,13 +25,14 @@ import zstandard
 from ._backends import Backend, ObjectInfo
 from ._errors import IntegrityError, ObjectNotFoundError
 
-__all__ = ["CandidateRecord", "GcSnapshot", "GcState"]
+__all__ = ["CandidateRecord", "DamageRecord", "GcSnapshot", "GcState"]
 
 _GC = "gc/"
 CANDIDATES = "gc/candidates/"
 SWEEPING = "gc/sweeping/"
 GENERATION = "gc/generation/"
 CLAIMS = "gc/claims/"
+DAMAGED = "gc/damaged/"
 PINS = "pins/"
 _KEEP_GENERATIONS = 8
 
@@ -46,6 +49,13 @@ class CandidateRecord:
 
 
 @dataclass(frozen=True)
+class DamageRecord:
+    key: str
+    blobs: frozenset[str]
+    """Blobs that manifests reference but the store was found not to hold."""
+
+
+@dataclass(frozen=True)
 class GcSnapshot:
     """What one listing of ``gc/`` shows."""
 
@@ -54,6 +64,11 @@ class GcSnapshot:
     """Start times of the sweeps whose markers exist."""
     generation: str
     """The newest generation marker: it changes whenever a sweep may delete blobs."""
+    damage: tuple[DamageRecord, ...] = ()
+
+    def damaged(self) -> frozenset[str]:
+        """Blobs found missing and not known to be stored again since."""
+        return frozenset().union(*(d.blobs for d in self.damage))
 
     def candidates(self) -> set[str]:
         out: set[str] = set()
@@ -107,12 +122,14 @@ class GcState:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self._records: dict[str, CandidateRecord] = {}
+        self._damage: dict[str, DamageRecord] = {}
 
     async def _list(self, prefix: str) -> list[ObjectInfo]:
         return sorted([info async for info in self.backend.list(prefix)], key=lambda i: i.key)
 
     async def snapshot(self) -> GcSnapshot:
         records: list[CandidateRecord] = []
+        damage: list[DamageRecord] = []
         sweeps: list[float] = []
         generation = ""
         for info in await self._list(_GC):
@@ -120,12 +137,28 @@ class GcState:
                 record = await self._record(info)
                 if record is not None:
                     records.append(record)
+            elif info.key.startswith(DAMAGED):
+                found = await self._damage_record(info.key)
+                if found is not None:
+                    damage.append(found)
             elif info.key.startswith(SWEEPING):
                 sweeps.append(_stamp_time(info.key, SWEEPING))
             elif info.key.startswith(GENERATION):
                 generation = max(generation, info.key)
         self._records = {r.key: r for r in records}
-        return GcSnapshot(tuple(records), tuple(sweeps), generation)
+        self._damage = {d.key: d for d in damage}
+        return GcSnapshot(tuple(records), tuple(sweeps), generation, tuple(damage))
+
+    async def _damage_record(self, key: str) -> DamageRecord | None:
+        known = self._damage.get(key)
+        if known is not None:
+            return known
+        try:
+            data = await self.backend.get(key)
+        except ObjectNotFoundError:
+            return None  # cleared between the listing and the read
+        doc = await anyio.to_thread.run_sync(_unpack, key, data)
+        return DamageRecord(key, _blob_set(key, doc.get("blobs")))
 
     async def _record(self, info: ObjectInfo) -> CandidateRecord | None:
         record = self._records.get(info.key)
@@ -204,6 +237,25 @@ class GcState:
 
     async def delete_claim(self, key: str) -> None:
         await self.backend.delete(key)
+
+    # -- damage ----------------------------------------------------------------------------
+
+    async def record_damage(self, now: float, blobs: Iterable[str]) -> None:
+        """Tell every later save that these blobs are missing: it must store them anew
+        rather than reference them on the word of a manifest or its stat cache."""
+        key = _stamp(DAMAGED, now)
+        doc: dict[str, object] = {"blobs": sorted(blobs)}
+        data = await anyio.to_thread.run_sync(_pack, doc)
+        await self.backend.put(key, data)
+        await self.backend.flush()
+
+    async def clear_damage(self, stored: set[str]) -> None:
+        """Delete the damage records all of whose blobs are in ``stored`` (known to be
+        in the store again)."""
+        for record in (await self.snapshot()).damage:
+            if record.blobs <= stored:
+                await self.backend.delete(record.key)
+                self._damage.pop(record.key, None)
 
     # -- pins ------------------------------------------------------------------------------
 

@@ -6,7 +6,6 @@ import builtins
 import fnmatch
 import functools
 import os
-import random
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,14 +13,14 @@ from typing import Any
 
 from ._backends import open_backend
 from ._clock import Clock, SystemClock
-from ._errors import IntegrityError
 from ._gc import GcPlan, RetentionPolicy, plan_gc
 from ._gcstate import GcState
+from ._integrity import check_store
 from ._manifest import Manifest, checkpoint_info
-from ._repository import ManifestRef, Repository
+from ._repair import RepairPlan, RepairReport, plan_repair
+from ._repository import ManifestRef, Repository, warn_damaged
 from ._store import default_cache_dir
 from ._sync import run_sync
-from ._taskgroup import for_each
 from ._types import CheckpointInfo
 
 __all__ = ["Maintenance", "StoreStats", "VerifyProblem", "VerifyReport"]
@@ -91,9 +90,7 @@ class Maintenance:
 
     async def checkpoints(self, key_pattern: str = "*") -> builtins.list[CheckpointInfo]:
         """Every committed checkpoint whose key matches, by key then oldest first."""
-        refs = [
-            r for r in await self.repo.list_manifests() if fnmatch.fnmatchcase(r.key, key_pattern)
-        ]
+        refs = await self._refs(key_pattern)
         refs.sort(key=lambda r: (r.key, r.seq, r.id))
         pinned = await self._state.pinned()
         infos = [checkpoint_info(m) for m in await self.repo.read_manifests(refs)]
@@ -121,50 +118,56 @@ class Maintenance:
     ) -> VerifyReport:
         """Check that every manifest parses and every blob it names exists; with
         ``full`` re-hash every referenced blob, with ``sample`` a random fraction."""
-        refs = [
+        scan = await check_store(
+            self.repo,
+            self._state,
+            self._clock,
+            await self._refs(key_pattern),
+            full=full,
+            sample=sample,
+            progress=progress,
+        )
+        problems = [
+            VerifyProblem(ref.id, ref.key, f"manifest: {why}") for ref, why in scan.damaged.values()
+        ]
+        for blob_id in sorted(scan.missing):
+            message = f"blob {blob_id} is missing"
+            problems += [VerifyProblem(ref.id, ref.key, message) for ref in scan.users[blob_id]]
+        for blob_id, why in sorted(scan.corrupt.items()):
+            problems += [VerifyProblem(ref.id, ref.key, why) for ref in scan.users[blob_id]]
+        problems.sort(key=lambda p: (p.key, p.checkpoint_id, p.message))
+        return VerifyReport(len(scan.refs), len(scan.users), scan.rehashed, tuple(problems))
+
+    async def _refs(self, key_pattern: str) -> builtins.list[ManifestRef]:
+        return [
             r for r in await self.repo.list_manifests() if fnmatch.fnmatchcase(r.key, key_pattern)
         ]
-        problems: list[VerifyProblem] = []
-        users: dict[str, list[tuple[str, str]]] = {}
-        read: set[str] = set()
 
-        def note(ref: ManifestRef, manifest: Manifest) -> None:
-            read.add(ref.id)
-            for blob_id, _ in manifest.blobs:
-                users.setdefault(sys.intern(blob_id), []).append((ref.id, ref.key))
-
-        try:
-            await self.repo.each_manifest(refs, note)
-        except IntegrityError:
-            # A manifest failed to parse: read the rest one at a time to name them all.
-            for ref in refs:
-                if ref.id in read:
-                    continue
-                try:
-                    note(ref, await self.repo.read_manifest(ref))
-                except IntegrityError as exc:
-                    problems.append(VerifyProblem(ref.id, ref.key, f"manifest: {exc}"))
-        present = await self.repo.existing_blobs()
-        for blob_id, who in users.items():
-            if blob_id not in present:
-                problems += [
-                    VerifyProblem(cid, key, f"blob {blob_id} is missing") for cid, key in who
-                ]
-        to_hash = [b for b in users if b in present]
-        if not full:
-            to_hash = random.sample(to_hash, round(len(to_hash) * sample)) if sample > 0 else []
-
-        async def rehash(blob_id: str) -> None:
-            try:
-                await self.repo.get_blob(blob_id)
-            except IntegrityError as exc:
-                problems.extend(VerifyProblem(cid, key, str(exc)) for cid, key in users[blob_id])
-            if progress is not None:
-                progress(1)
-
-        await for_each(to_hash, rehash, limit=8)
-        problems.sort(key=lambda p: (p.key, p.checkpoint_id, p.message))
-        return VerifyReport(len(refs), len(users), len(to_hash), tuple(problems))
+    async def plan_repair(
+        self,
+        source: str | os.PathLike[str] | None = None,
+        *,
+        forget: bool = False,
+        full: bool = False,
+        key_pattern: str = "*",
+        progress: Callable[[int], None] | None = None,
+    ) -> RepairPlan:
+        """Find what is broken (as ``verify`` does; ``full`` re-hashes every blob) and
+        decide how to mend it: store missing or corrupt blobs again from ``source``, a
+        directory holding the files as a checkpoint saved them, and with ``forget``
+        remove the checkpoints that stay broken. Nothing changes until
+        ``plan.execute()``."""
+        refs = await self._refs(key_pattern)
+        return await plan_repair(
+            self.repo,
+            self._state,
+            self._clock,
+            refs,
+            source=source,
+            forget=forget,
+            full=full,
+            progress=progress,
+        )
 
     async def stats(self) -> StoreStats:
         referenced: dict[str, int] = {}
@@ -179,7 +182,7 @@ class Maintenance:
             logical += int(m.stats.get("total_bytes", 0))
             referenced.update((sys.intern(b), size) for b, size in m.blobs)
 
-        await self.repo.each_manifest(await self.repo.list_manifests(), count)
+        await self.repo.each_manifest(await self.repo.list_manifests(), count, warn_damaged)
         stored = blobs = unreferenced = unreferenced_bytes = 0
         async for info in self.repo.backend.list("blobs/"):
             blobs += 1
@@ -224,6 +227,17 @@ class Maintenance:
 
     def verify_sync(self, **kwargs: Any) -> VerifyReport:
         return run_sync(functools.partial(self.verify, **kwargs))
+
+    def plan_repair_sync(
+        self, source: str | os.PathLike[str] | None = None, **kwargs: Any
+    ) -> RepairPlan:
+        return run_sync(functools.partial(self.plan_repair, source, **kwargs))
+
+    def repair_sync(
+        self, plan: RepairPlan, progress: Callable[[int], None] | None = None
+    ) -> RepairReport:
+        """Execute a repair plan."""
+        return run_sync(plan.execute, progress)
 
     def stats_sync(self) -> StoreStats:
         return run_sync(self.stats)

@@ -13,6 +13,7 @@ A manifest's name carries what ``load()`` needs to pick the newest checkpoint
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -23,11 +24,18 @@ import anyio.to_thread
 
 from ._backends import Backend, BlockingAccess
 from ._codec import decode_blob
-from ._errors import CheckpointNotFoundError, IntegrityError, ObjectNotFoundError
+from ._errors import (
+    BlobMissingError,
+    CheckpointNotFoundError,
+    IntegrityError,
+    ObjectNotFoundError,
+)
 from ._manifest import Manifest, decode_manifest, encode_manifest, validate_key
 from ._taskgroup import for_each
 
-__all__ = ["BlockingBlobs", "ManifestRef", "Repository", "blob_key"]
+__all__ = ["BlockingBlobs", "ManifestRef", "Repository", "blob_key", "warn_damaged"]
+
+_log = logging.getLogger("castore")
 
 STORE_FORMAT_VERSION = 1
 _CONFIG_KEY = "castore.json"
@@ -96,7 +104,7 @@ class Repository:
         try:
             return await self.backend.get(blob_key(blob_id))
         except ObjectNotFoundError as exc:
-            raise IntegrityError(f"blob {blob_id} is missing from the store") from exc
+            raise _missing(blob_id) from exc
 
     async def get_blob(self, blob_id: str) -> bytearray:
         """A blob's raw chunk, verified against its id."""
@@ -131,32 +139,58 @@ class Repository:
         return manifest
 
     async def each_manifest(
-        self, refs: Iterable[ManifestRef], use: Callable[[ManifestRef, Manifest], None]
+        self,
+        refs: Iterable[ManifestRef],
+        use: Callable[[ManifestRef, Manifest], None],
+        damaged: Callable[[ManifestRef, IntegrityError], None] | None = None,
     ) -> None:
         """Read manifests concurrently and hand each to ``use`` as it arrives, without
         keeping them: store-wide scans stay small however many checkpoints there are.
-        Manifests deleted since they were listed (expired by a gc) are skipped."""
+        Manifests deleted since they were listed (expired by a gc) are skipped. A
+        manifest that fails to parse goes to ``damaged`` if given, else raises."""
 
         async def read(ref: ManifestRef) -> None:
             try:
                 manifest = await self.read_manifest(ref)
             except CheckpointNotFoundError:
                 return
+            except IntegrityError as exc:
+                if damaged is None:
+                    raise
+                damaged(ref, exc)
+                return
             use(ref, manifest)
 
         await for_each(refs, read, limit=32)
 
     async def read_manifests(self, refs: list[ManifestRef]) -> list[Manifest]:
-        """Read manifests, in the order given, leaving out deleted ones."""
+        """Read manifests, in the order given, leaving out deleted ones and skipping
+        damaged ones with a warning."""
         found: dict[str, Manifest] = {}
-        await self.each_manifest(refs, lambda ref, m: found.__setitem__(ref.id, m))
+        await self.each_manifest(refs, lambda ref, m: found.__setitem__(ref.id, m), warn_damaged)
         return [found[r.id] for r in refs if r.id in found]
+
+    async def newest_intact(self, refs: list[ManifestRef]) -> Manifest | None:
+        """The newest of ``refs`` (oldest first) whose manifest reads and parses; damaged
+        ones are skipped with a warning. None if there is none."""
+        for ref in reversed(refs):
+            try:
+                return await self.read_manifest(ref)
+            except CheckpointNotFoundError:
+                continue
+            except IntegrityError as exc:
+                warn_damaged(ref, exc)
+        return None
 
     async def find_manifest(self, checkpoint_id: str, key: str | None = None) -> ManifestRef:
         for ref in await self.list_manifests(key):
             if ref.id == checkpoint_id:
                 return ref
         raise CheckpointNotFoundError(f"no checkpoint with id {checkpoint_id!r}")
+
+    async def delete_manifest(self, ref: ManifestRef) -> None:
+        """Remove a checkpoint (its blobs stay until a gc finds them unreferenced)."""
+        await self.backend.delete(ref.object_key)
 
     async def commit_manifest(self, manifest: Manifest) -> ManifestRef:
         """Write the manifest with put-if-absent; the checkpoint exists from here on."""
@@ -186,7 +220,22 @@ class BlockingBlobs:
         try:
             return self._access.get_into(blob_key(blob_id), buffer)
         except ObjectNotFoundError as exc:
-            raise IntegrityError(f"blob {blob_id} is missing from the store") from exc
+            raise _missing(blob_id) from exc
+
+
+def warn_damaged(ref: ManifestRef, exc: IntegrityError) -> None:
+    """Report a manifest that cannot be read, which the caller then skips."""
+    _log.warning(
+        "castore: checkpoint %s of key %s is damaged and was skipped (%s); "
+        "`castore repair --forget` removes it",
+        ref.id,
+        ref.key,
+        exc,
+    )
+
+
+def _missing(blob_id: str) -> BlobMissingError:
+    return BlobMissingError(f"blob {blob_id} is missing from the store", blob_id)
 
 
 def _parse_ref(object_key: str, modified: float) -> ManifestRef | None:

@@ -111,6 +111,11 @@ class SavePipeline:
         self.uploaded_bytes = 0
         self.read_bytes = 0
 
+    @property
+    def stored(self) -> set[str]:
+        """Blobs this save stored or found already stored: they exist in the store."""
+        return self._claimed
+
     # -- sources ---------------------------------------------------------------------------
 
     async def save_entries(self, scanned: Sequence[ScannedEntry]) -> SaveResult:

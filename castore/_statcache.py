@@ -64,6 +64,13 @@ class StatCache:
             p: v for p, v in self._entries.items() if all(part[0] in existing for part in v[1])
         }
 
+    def drop(self, blobs: frozenset[str]) -> None:
+        """Forget the entries that reference any of ``blobs`` (found missing)."""
+        if blobs:
+            self._entries = {
+                p: v for p, v in self._entries.items() if not any(part[0] in blobs for part in v[1])
+            }
+
     def forget(self) -> None:
         """Trust nothing read from disk; what this save records is still kept."""
         self._entries = {}

@@ -20,7 +20,14 @@ import blake3
 from ._backends import open_backend
 from ._chunking import ChunkParams
 from ._clock import Clock, SystemClock
-from ._errors import CastoreError, CheckpointNotFoundError, SourceNotFoundError, UsageError
+from ._errors import (
+    BlobMissingError,
+    CastoreError,
+    CheckpointNotFoundError,
+    IntegrityError,
+    SourceNotFoundError,
+    UsageError,
+)
 from ._gcguard import GcConflict, guard_commit
 from ._gcstate import GcState
 from ._manifest import Manifest, checkpoint_info, validate_key
@@ -140,9 +147,12 @@ class CheckpointStore:
         gc_at_start = await self._gc_state.snapshot()
         started_at = self._clock.now()
         refs = await self.repo.list_manifests(self.key)
-        previous = await self._newest_manifest(refs)
+        previous = await self.repo.newest_intact(refs)
+        # Blobs found missing (by verify or a load) are stored anew, whatever a manifest
+        # or the stat cache says of them.
+        damaged = gc_at_start.damaged()
         # Blobs of the key's newest checkpoint exist: no need to upload them again.
-        known = {b for b, _ in previous.blobs} if previous and trust_caches else set()
+        known = {b for b, _ in previous.blobs} - damaged if previous and trust_caches else set()
         kind: SourceKind
         cache: StatCache | None = None
         root = ""
@@ -160,6 +170,7 @@ class CheckpointStore:
                 cache = await self._open_stat_cache(
                     store_id, gc_at_start.generation, trust=trust_caches
                 )
+                cache.drop(damaged)
                 known |= cache.known_blobs()
             pipeline = SavePipeline(self.repo, self._save_options, known, cache, previous)
             if is_dir:
@@ -196,8 +207,17 @@ class CheckpointStore:
                     await self._gc_state.delete_claim(claim)
         if cache is not None:
             await anyio.to_thread.run_sync(cache.save, root)
+        if damaged & pipeline.stored:
+            await self._clear_damage(pipeline.stored)
         self._parent = manifest.id
         return checkpoint_info(manifest)
+
+    async def _clear_damage(self, stored: set[str]) -> None:
+        # The checkpoint is committed; this only spares later saves re-reading files.
+        try:
+            await self._gc_state.clear_damage(stored)
+        except CastoreError as exc:
+            _log.warning("castore: could not clear the store's damage records: %s", exc)
 
     async def load(self, dest: str | os.PathLike[str] | None = None) -> Path | None:
         """Restore the newest committed checkpoint of this key from this or any earlier
@@ -208,10 +228,9 @@ class CheckpointStore:
         ``dest`` becomes exactly the checkpoint's tree; it is replaced only after every
         byte was fetched and verified, so a failed load leaves it as it was.
         """
-        ref = await self._newest()
-        if ref is None:
+        manifest, refs = await self._newest_intact()
+        if manifest is None:
             return None
-        manifest = await self.repo.read_manifest(ref)
         # The gc state before restoring: a sweep that starts later writes a newer
         # generation, which makes the next save re-check what this load vouches for.
         primes = self._stat_cache and manifest.kind != "bytes"
@@ -220,7 +239,10 @@ class CheckpointStore:
             import tempfile
 
             dest = await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="castore-"))
-        target = await restore(self.repo, manifest, Path(dest), self._restore_options)
+        try:
+            target = await restore(self.repo, manifest, Path(dest), self._restore_options)
+        except IntegrityError as exc:
+            raise await self._unrestorable(manifest, refs, exc) from exc
         if gc_at_start is not None and not gc_at_start.sweeps:
             try:
                 await self._prime_stat_cache(manifest, target, gc_at_start.generation)
@@ -237,13 +259,15 @@ class CheckpointStore:
     async def read(self) -> bytes | None:
         """The newest checkpoint's bytes (a bytes or single-file checkpoint), verified;
         None if there is no checkpoint yet."""
-        ref = await self._newest()
-        if ref is None:
+        manifest, refs = await self._newest_intact()
+        if manifest is None:
             return None
-        manifest = await self.repo.read_manifest(ref)
         if manifest.kind == "dir":
             raise UsageError(f"checkpoint {manifest.id} is a directory: use load()")
-        data = await read_payload(self.repo, manifest, self._restore_options)
+        try:
+            data = await read_payload(self.repo, manifest, self._restore_options)
+        except IntegrityError as exc:
+            raise await self._unrestorable(manifest, refs, exc) from exc
         self._parent = manifest.id
         return data
 
@@ -265,12 +289,12 @@ class CheckpointStore:
         """Entries and sizes of a checkpoint (the newest if ``id`` is None), read from
         its manifest alone: no blob is downloaded."""
         if id is None:
-            ref = await self._newest()
-            if ref is None:
+            newest, _ = await self._newest_intact()
+            if newest is None:
                 raise CheckpointNotFoundError(f"key {self.key!r} has no checkpoint")
+            manifest = newest
         else:
-            ref = await self.repo.find_manifest(id)
-        manifest = await self.repo.read_manifest(ref)
+            manifest = await self.repo.read_manifest(await self.repo.find_manifest(id))
         entries = tuple(
             EntryInfo(e.path, e.type, e.size, e.mode, e.target) for e in manifest.entries
         )
@@ -331,8 +355,49 @@ class CheckpointStore:
         refs = [r for r in await self.repo.list_manifests(self.key) if r.attempt <= self.attempt]
         return refs[-1] if refs else None
 
-    async def _newest_manifest(self, refs: builtins.list[ManifestRef]) -> Manifest | None:
-        return await self.repo.read_manifest(refs[-1]) if refs else None
+    async def _newest_intact(self) -> tuple[Manifest | None, builtins.list[ManifestRef]]:
+        """The checkpoint ``load()`` restores, and the refs it was chosen from: the newest
+        whose manifest is intact (damaged ones are skipped with a warning)."""
+        refs = [r for r in await self.repo.list_manifests(self.key) if r.attempt <= self.attempt]
+        if not refs:
+            return None, refs
+        manifest = await self.repo.newest_intact(refs)
+        if manifest is None:
+            raise IntegrityError(
+                f"every checkpoint of key {self.key!r} is damaged: `castore verify` lists "
+                "them, `castore repair --forget` removes them"
+            )
+        if manifest.id != refs[-1].id:
+            _log.warning(
+                "castore: falling back to checkpoint %s (#%d), the newest intact one of key %s",
+                manifest.id,
+                manifest.seq,
+                self.key,
+            )
+        return manifest, refs
+
+    async def _unrestorable(
+        self, manifest: Manifest, refs: builtins.list[ManifestRef], exc: IntegrityError
+    ) -> IntegrityError:
+        """The error for a checkpoint whose data is missing or corrupt: it names what
+        is wrong and the older checkpoints, and (for a missing blob) makes later saves
+        store that blob anew instead of trusting it."""
+        older = [r for r in refs if r.seq < manifest.seq][-3:]
+        shown = ", ".join(f"{r.id} (#{r.seq})" for r in reversed(older)) or "none"
+        message = (
+            f"checkpoint {manifest.id} (key {self.key!r} #{manifest.seq}) cannot be restored: "
+            f"{exc}. Older committed checkpoints: {shown}. `castore repair --from DIR` "
+            "stores the data again from a copy of the files; `castore repair --forget` "
+            "removes the broken checkpoint so that load() takes the newest intact one"
+        )
+        if not isinstance(exc, BlobMissingError):
+            return IntegrityError(message)
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._gc_state.record_damage(self._clock.now(), [exc.blob_id])
+            except CastoreError as record_exc:
+                _log.warning("castore: could not record the missing blob: %s", record_exc)
+        return BlobMissingError(message, exc.blob_id)
 
     async def _prime_stat_cache(self, manifest: Manifest, root: Path, generation: str) -> None:
         """Make the files just restored count as unchanged for the next save, so a job
