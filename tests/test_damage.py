@@ -267,3 +267,54 @@ async def test_repair_plan_runs_once_and_an_intact_store_needs_nothing(
     assert (await plan.execute()).ok
     with pytest.raises(castore.UsageError):
         await plan.execute()
+
+
+async def test_verify_forgets_damage_once_the_blob_is_back(url: str, tmp_path: Path) -> None:
+    store = _store(url, tmp_path)
+    src = _tree(tmp_path / "src", 1)
+    info = await store.save(src)
+    lost = (await _chunk_and_bundle(store, info.id))[0]
+    stored = await store.repo.backend.get(blob_key(lost))
+    await _delete_blob(store, lost)
+    admin = castore.Maintenance(url)
+    assert not (await admin.verify()).ok
+    assert (await store._gc_state.snapshot()).damaged() == {lost}
+
+    await store.repo.backend.put(blob_key(lost), stored)  # back, e.g. from a backup
+    assert (await admin.verify()).ok
+    assert (await store._gc_state.snapshot()).damaged() == frozenset()
+    again = await _store(url, tmp_path).save(src)
+    assert again.new_bytes == 0 and again.read_bytes == 0
+
+
+def test_cli_repair_plans_mends_and_forgets(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "CASTORE_CACHE_DIR": str(tmp_path / "cache")}
+        cmd = [sys.executable, "-m", "castore", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+
+    url = (tmp_path / "store").as_uri()
+    src = _tree(tmp_path / "src", 1)
+    saved = json.loads(run("save", str(src), "--store", url, "--json").stdout)
+    blobs = sorted((tmp_path / "store" / "blobs").rglob("*/*"))
+    blobs[0].unlink()
+
+    dry = run("repair", url, "--from", str(src), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "1 missing" in dry.stdout and "1 blob(s) can be stored again" in dry.stdout
+    assert not blobs[0].exists()
+    assert run("repair", url).returncode == 1  # no source: still broken
+    fixed = run("repair", url, "--from", str(src), "--json")
+    assert fixed.returncode == 0, fixed.stderr
+    assert json.loads(fixed.stdout)["stored_blobs"] == 1 and blobs[0].exists()
+    assert run("verify", url, "--full").returncode == 0
+
+    blobs[0].unlink()
+    forgot = run("repair", url, "--forget", "--yes", "--json")
+    assert forgot.returncode == 0, forgot.stderr
+    assert json.loads(forgot.stdout)["forgotten"] == [saved["id"]]
+    assert "nothing to repair" in run("repair", url).stdout
