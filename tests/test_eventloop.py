@@ -85,6 +85,7 @@ _BLOCKING_POSIX = frozenset(
         "statvfs",
         "sendfile",
         "copy_file_range",
+        "",
     ]
 )
 
