@@ -254,7 +254,7 @@ class CheckpointStore:
 
     async def prev_exists(self) -> bool:
         """Whether ``load()`` would restore a checkpoint."""
-        return await self._newest() is not None
+        return bool(await self._eligible_refs())
 
     async def read(self) -> bytes | None:
         """The newest checkpoint's bytes (a bytes or single-file checkpoint), verified;
@@ -351,14 +351,15 @@ class CheckpointStore:
 
     # -- internals -------------------------------------------------------------------------
 
-    async def _newest(self) -> ManifestRef | None:
-        refs = [r for r in await self.repo.list_manifests(self.key) if r.attempt <= self.attempt]
-        return refs[-1] if refs else None
+    async def _eligible_refs(self) -> builtins.list[ManifestRef]:
+        """This key's committed checkpoints that ``load()`` may restore, oldest first:
+        those of this attempt and earlier ones."""
+        return [r for r in await self.repo.list_manifests(self.key) if r.attempt <= self.attempt]
 
     async def _newest_intact(self) -> tuple[Manifest | None, builtins.list[ManifestRef]]:
         """The checkpoint ``load()`` restores, and the refs it was chosen from: the newest
         whose manifest is intact (damaged ones are skipped with a warning)."""
-        refs = [r for r in await self.repo.list_manifests(self.key) if r.attempt <= self.attempt]
+        refs = await self._eligible_refs()
         if not refs:
             return None, refs
         manifest = await self.repo.newest_intact(refs)
