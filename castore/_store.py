@@ -28,8 +28,8 @@ from ._errors import (
     SourceNotFoundError,
     UsageError,
 )
-from ._gcguard import GcConflict, guard_commit
-from ._gcstate import GcState
+from ._gcguard import SWEEP_TTL, GcConflict, guard_commit
+from ._gcstate import GcSnapshot, GcState
 from ._manifest import Manifest, checkpoint_info, validate_key
 from ._repository import ManifestRef, Repository
 from ._restore import RestoreOptions, read_payload, restore
@@ -144,8 +144,9 @@ class CheckpointStore:
         trust_caches: bool,
     ) -> CheckpointInfo:
         store_id = await self.repo.store_id()
-        gc_at_start = await self._gc_state.snapshot()
+        # The time first: a pause between the two counts as time this save took.
         started_at = self._clock.now()
+        gc_at_start = await self._gc_state.snapshot()
         refs = await self.repo.list_manifests(self.key)
         previous = await self.repo.newest_intact(refs)
         # Blobs found missing (by verify or a load) are stored anew, whatever a manifest
@@ -167,9 +168,7 @@ class CheckpointStore:
             is_dir = await anyio.to_thread.run_sync(os.path.isdir, root)
             kind = "dir" if is_dir else "file"
             if self._stat_cache:
-                cache = await self._open_stat_cache(
-                    store_id, gc_at_start.generation, trust=trust_caches
-                )
+                cache = await self._open_stat_cache(store_id, gc_at_start, trust=trust_caches)
                 cache.drop(damaged)
                 known |= cache.known_blobs()
             pipeline = SavePipeline(self.repo, self._save_options, known, cache, previous)
@@ -243,9 +242,9 @@ class CheckpointStore:
             target = await restore(self.repo, manifest, Path(dest), self._restore_options)
         except IntegrityError as exc:
             raise await self._unrestorable(manifest, refs, exc) from exc
-        if gc_at_start is not None and not gc_at_start.sweeps:
+        if gc_at_start is not None and not gc_at_start.sweeping(self._clock.now(), SWEEP_TTL):
             try:
-                await self._prime_stat_cache(manifest, target, gc_at_start.generation)
+                await self._prime_stat_cache(manifest, target, gc_at_start)
             except CastoreError as exc:
                 # The restore is complete; the cache only saves reading files later.
                 _log.warning("castore: stat cache not updated after load: %s", exc)
@@ -400,10 +399,10 @@ class CheckpointStore:
                 _log.warning("castore: could not record the missing blob: %s", record_exc)
         return BlobMissingError(message, exc.blob_id)
 
-    async def _prime_stat_cache(self, manifest: Manifest, root: Path, generation: str) -> None:
+    async def _prime_stat_cache(self, manifest: Manifest, root: Path, gc_now: GcSnapshot) -> None:
         """Make the files just restored count as unchanged for the next save, so a job
         that resumes from ``load()`` and saves again reads only what it rewrote."""
-        cache = await self._open_stat_cache(await self.repo.store_id(), generation)
+        cache = await self._open_stat_cache(await self.repo.store_id(), gc_now)
         latest = await anyio.to_thread.run_sync(cache.record_restored, str(root), manifest)
         await anyio.to_thread.run_sync(cache.save, str(root))
         # File systems stamp times at a coarse tick (1-10 ms). Returning only once a
@@ -414,17 +413,21 @@ class CheckpointStore:
             await anyio.sleep(wait_ns / 1e9)
 
     async def _open_stat_cache(
-        self, store_id: str, generation: str, trust: bool = True
+        self, store_id: str, gc_now: GcSnapshot, trust: bool = True
     ) -> StatCache:
-        """The stat cache, made valid for the gc ``generation`` seen now: if a sweep ran
-        since it was written, only entries whose blobs all still exist are kept (one
-        listing of the blobs). ``trust`` False: none of what it held is kept."""
+        """The stat cache, made valid for the gc generation seen in ``gc_now``: if a
+        sweep ran since it was written, only entries whose blobs all still exist are
+        kept (one listing of the blobs). ``trust`` False: none of what it held is kept."""
         cache = await anyio.to_thread.run_sync(self._load_stat_cache, store_id)
         if not trust:
             cache.forget()
-        if cache.generation != generation and len(cache):
+        if cache.generation != gc_now.generation and len(cache):
             cache.retain(await self.repo.existing_blobs())
-        cache.generation = generation
+        # A sweep still running may delete blobs after the listing above: the cache
+        # may vouch for the new generation only once no sweep is live, so that the
+        # next save checks again.
+        if not gc_now.sweeping(self._clock.now(), SWEEP_TTL):
+            cache.generation = gc_now.generation
         return cache
 
     def _load_stat_cache(self, store_id: str) -> StatCache:

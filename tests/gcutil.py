@@ -94,12 +94,23 @@ class GatedBackend(BackendWrapper):
 
     async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
         await self._maybe_wait("list", prefix)
-        async for info in self.inner.list(prefix):
+        found = [info async for info in self.inner.list(prefix)]
+        # "listed": the listing is taken, and the caller pauses before it sees it.
+        await self._maybe_wait("listed", prefix)
+        for info in found:
             yield info
 
     async def put_if_absent(self, key: str, data: bytes) -> bool:
         await self._maybe_wait("put_if_absent", key)
         return await self.inner.put_if_absent(key, data)
+
+    async def put(self, key: str, data: bytes) -> None:
+        await self._maybe_wait("put", key)
+        await self.inner.put(key, data)
+
+    async def delete_many(self, keys: list[str]) -> None:
+        await self._maybe_wait("delete_many", keys[0] if keys else "")
+        await self.inner.delete_many(keys)
 
 
 class FailNthDelete(BackendWrapper):

@@ -1,0 +1,88 @@
+"""Races between writers and gc found by a protocol review, each replayed
+deterministically: gates pause an actor at a chosen request, an injected clock stands
+in for time. Each test failed on the code before its fix."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from gcutil import ClockedBackend, Gate, GatedBackend
+from test_gc import GRACE, World, _attach, _snapshot, _tree
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_pause_right_after_the_start_snapshot_counts_as_save_time(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The save's start time is taken before its gc snapshot: a pause between the two
+    (two whole gc runs here) is part of the save and makes the guard check every blob."""
+    w = World(tmp_path)
+    src = _tree(tmp_path / "src", 1)
+    await w.writer.save(src)
+    await (await w.gc.plan_gc(keep_last=0, grace=GRACE)).execute()  # blobs become garbage
+    gate = Gate("listed", "gc/", nth=1)  # the writer's start snapshot, just taken
+    w.gates.append(gate)
+    result = []
+
+    async def writer() -> None:
+        result.append(await w.writer.save(src))
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer)
+            await gate.reached.wait()
+            w.clock.advance(GRACE + 1)
+            assert (await w.run_gc()).marked_blobs > 0
+            w.clock.advance(GRACE + 1)
+            assert (await w.run_gc()).deleted_blobs > 0
+            gate.release.set()
+    assert (await w.gc.verify(full=True)).ok
+    out = await w.writer.load(tmp_path / "out")
+    assert out is not None and _snapshot(out) == _snapshot(src)
+
+
+async def test_a_save_during_a_sweep_does_not_vouch_for_blobs_the_sweep_deletes(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """A save that starts after a sweep wrote its generation marker but before it
+    deleted must not stamp its stat cache with that generation: entries of another
+    root of the same key would keep blobs the sweep then deletes, and a later save of
+    that root would trust them."""
+    w = World(tmp_path)
+    gc_gates: list[Gate] = []
+    _attach(w.gc, GatedBackend(ClockedBackend(w.inner, w.clock, w.times), gc_gates))
+    first = _tree(tmp_path / "first", 1)
+    await w.writer.save(first)
+    await (await w.gc.plan_gc(keep_last=0, grace=GRACE)).execute()
+    w.clock.advance(GRACE + 1)
+    assert (await w.run_gc()).marked_blobs > 0  # the first tree's blobs, in a record
+    w.clock.advance(GRACE + 1)
+    deleting = Gate("delete_many", "blobs/")
+    gc_gates.append(deleting)
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(w.run_gc)
+            await deleting.reached.wait()  # marker and generation written, nothing deleted
+            await w.writer.save(_tree(tmp_path / "second", 2))
+            deleting.release.set()
+    resaved = await w.writer.save(first)  # unchanged files of the first root
+    assert resaved.new_bytes > 0
+    assert (await w.gc.verify(full=True)).ok
+    out = await w.writer.load(tmp_path / "out")
+    assert out is not None and _snapshot(out) == _snapshot(first)
+
+
+async def test_a_marker_left_by_a_killed_gc_does_not_stop_load_from_priming_the_cache(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    from castore._gcguard import SWEEP_TTL
+    from castore._gcstate import GcState
+
+    w = World(tmp_path)
+    src = _tree(tmp_path / "src", 1)
+    await w.writer.save(src)
+    # What a gc killed mid-sweep leaves behind, long ago.
+    await GcState(w.inner).begin_sweep(w.clock.now() - 2 * SWEEP_TTL)
+    out = await w.writer.load(tmp_path / "out")
+    assert out is not None
+    again = await w.writer.save(out)
+    assert again.read_bytes == 0  # the restored files were vouched for by the load
