@@ -94,6 +94,7 @@ class GcPlan:
     _state: GcState = field(repr=False)
     _clock: Clock = field(repr=False)
     _summaries: dict[str, _Summary] = field(repr=False, default_factory=dict)
+    _policy: RetentionPolicy = field(repr=False, default_factory=lambda: RetentionPolicy())
     _executed: bool = field(default=False, repr=False)
 
     @property
@@ -104,10 +105,15 @@ class GcPlan:
         if self._executed:
             raise UsageError("a gc plan can be executed only once; plan again")
         self._executed = True
-        for ref in self.expire:
-            await self._repo.backend.delete(ref.object_key)
         return await _sweep(
-            self._repo, self._state, self._clock, self.grace, self._summaries, progress
+            self._repo,
+            self._state,
+            self._clock,
+            self.grace,
+            self._summaries,
+            progress,
+            self.expire,
+            self._policy,
         )
 
 
@@ -148,6 +154,7 @@ async def plan_gc(repo: Repository, policy: RetentionPolicy, grace: float, clock
         _state=state,
         _clock=clock,
         _summaries=summaries,
+        _policy=policy,
     )
 
 
@@ -157,7 +164,6 @@ class _Summary:
     same id appears in many manifests)."""
 
     ref: ManifestRef
-    created_at: float
     pinned: bool
     blobs: frozenset[str]
 
@@ -172,7 +178,7 @@ async def _summarize(
 
     def summarize(ref: ManifestRef, m: Manifest) -> None:
         blobs = frozenset(sys.intern(b) for b, _ in m.blobs)
-        out[ref.id] = _Summary(ref, m.created_at, m.pinned, blobs)
+        out[ref.id] = _Summary(ref, m.pinned, blobs)
 
     def note_damaged(ref: ManifestRef, exc: IntegrityError) -> None:
         warn_damaged(ref, exc)
@@ -199,11 +205,17 @@ def _expired(
                 s.pinned
                 or s.ref.id in pinned
                 or (policy.keep_last is not None and position < policy.keep_last)
-                or (policy.keep_within is not None and now - s.created_at < policy.keep_within)
+                or _within(s.ref, policy, now)
             )
             if not kept:
                 expired.append(s.ref)
     return tuple(sorted(expired))
+
+
+def _within(ref: ManifestRef, policy: RetentionPolicy, now: float) -> bool:
+    """Whether ``keep_within`` keeps the checkpoint. Its age is measured from when the
+    store received the manifest, not from the writer's clock, which may be wrong."""
+    return policy.keep_within is not None and now - ref.modified < policy.keep_within
 
 
 def _referenced(summaries: Iterable[_Summary]) -> set[str]:
@@ -252,10 +264,22 @@ async def _sweep(
     grace: float,
     known: dict[str, _Summary],
     progress: Callable[[int], None] | None,
+    planned_expiry: tuple[ManifestRef, ...] = (),
+    policy: RetentionPolicy | None = None,
 ) -> GcReport:
     started = clock.now()
     marker = await state.begin_sweep(started)
     try:
+        # Pins are read again: one added while the plan waited for confirmation counts.
+        pinned = await state.pinned()
+        expired = tuple(
+            r.id
+            for r in planned_expiry
+            if r.id not in pinned and not (policy and _within(r, policy, clock.now()))
+        )
+        for ref in planned_expiry:
+            if ref.id in expired:
+                await repo.delete_manifest(ref)
         # Read claims and manifests only after the marker is visible: a writer whose
         # claim we miss will see the marker and wait for us (docs/gc.md).
         claimed = await state.claimed_blobs(clock.now(), CLAIM_TTL)
@@ -264,7 +288,7 @@ async def _sweep(
         summaries = await _summarize(repo, await repo.list_manifests(), known, damaged)
         if damaged:
             # A manifest that cannot be read may reference any blob: delete nothing.
-            return GcReport((), 0, 0, 0, 0, complete=False, damaged=tuple(sorted(damaged)))
+            return GcReport(expired, 0, 0, 0, 0, complete=False, damaged=tuple(sorted(damaged)))
         referenced = _referenced(summaries.values())
         blobs = await _list_blobs(repo)
         records = list((await state.snapshot()).records)
@@ -296,7 +320,7 @@ async def _sweep(
                 await state.delete_record(record)
         marked = 0 if grace == 0 else len(markable)
         return GcReport(
-            expired=(),
+            expired=expired,
             deleted_blobs=deleted,
             freed_bytes=freed,
             marked_blobs=marked,

@@ -15,7 +15,9 @@ with ordinary puts: no locks, no leases that a crashed process could leave held.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -35,6 +37,16 @@ CLAIMS = "gc/claims/"
 DAMAGED = "gc/damaged/"
 PINS = "pins/"
 _KEEP_GENERATIONS = 8
+_STAMPED_NAME = re.compile(r"\d{13}-[0-9a-f]{8}\Z")
+_ID_NAME = re.compile(r"[0-9a-f]{16}\Z")
+_NAMES = {
+    CANDIDATES: _STAMPED_NAME,
+    SWEEPING: _STAMPED_NAME,
+    GENERATION: _STAMPED_NAME,
+    DAMAGED: _STAMPED_NAME,
+    CLAIMS: _ID_NAME,
+}
+_log = logging.getLogger("castore")
 
 
 @dataclass(frozen=True)
@@ -123,31 +135,53 @@ class GcState:
         self.backend = backend
         self._records: dict[str, CandidateRecord] = {}
         self._damage: dict[str, DamageRecord] = {}
+        self._warned: set[str] = set()
 
     async def _list(self, prefix: str) -> list[ObjectInfo]:
         return sorted([info async for info in self.backend.list(prefix)], key=lambda i: i.key)
+
+    def _ours(self, info: ObjectInfo) -> str | None:
+        """The kind (prefix) of a coordination object, or None for a name castore never
+        writes (a stray ``.DS_Store``, a README): those are ignored, with a warning."""
+        for prefix, name in _NAMES.items():
+            if info.key.startswith(prefix) and name.match(info.key[len(prefix) :]):
+                return prefix
+        self._stray(info.key, "not a name castore writes")
+        return None
+
+    def _stray(self, key: str, why: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            _log.warning("castore: ignoring %s in the store (%s)", key, why)
 
     async def snapshot(self) -> GcSnapshot:
         records: list[CandidateRecord] = []
         damage: list[DamageRecord] = []
         sweeps: list[float] = []
-        generation = ""
+        newest: tuple[float, str] = (0.0, "")
         for info in await self._list(_GC):
-            if info.key.startswith(CANDIDATES):
-                record = await self._record(info)
-                if record is not None:
-                    records.append(record)
-            elif info.key.startswith(DAMAGED):
-                found = await self._damage_record(info.key)
-                if found is not None:
-                    damage.append(found)
-            elif info.key.startswith(SWEEPING):
+            kind = self._ours(info)
+            try:
+                if kind == CANDIDATES:
+                    record = await self._record(info)
+                    if record is not None:
+                        records.append(record)
+                elif kind == DAMAGED:
+                    found = await self._damage_record(info.key)
+                    if found is not None:
+                        damage.append(found)
+            except IntegrityError as exc:
+                # Unreadable to every writer and gc alike: nobody deletes by it.
+                self._stray(info.key, exc)
+            if kind == SWEEPING:
                 sweeps.append(_stamp_time(info.key, SWEEPING))
-            elif info.key.startswith(GENERATION):
-                generation = max(generation, info.key)
+            elif kind == GENERATION:
+                # The newest marker by the store's clock, not by name: a gc whose clock
+                # ran ahead must not freeze the generation at its far-future name.
+                newest = max(newest, (info.modified, info.key))
         self._records = {r.key: r for r in records}
         self._damage = {d.key: d for d in damage}
-        return GcSnapshot(tuple(records), tuple(sweeps), generation, tuple(damage))
+        return GcSnapshot(tuple(records), tuple(sweeps), newest[1], tuple(damage))
 
     async def _damage_record(self, key: str) -> DamageRecord | None:
         known = self._damage.get(key)
@@ -209,7 +243,7 @@ class GcState:
     async def bump_generation(self, now: float) -> None:
         """Tell writers that blobs may be deleted from now on; keep a few markers only."""
         await self.backend.put(_stamp(GENERATION, now), b"")
-        markers = await self._list(GENERATION)
+        markers = sorted(await self._list(GENERATION), key=lambda i: (i.modified, i.key))
         for info in markers[:-_KEEP_GENERATIONS]:
             await self.backend.delete(info.key)
 
@@ -218,13 +252,21 @@ class GcState:
         that died before committing)."""
         claimed: set[str] = set()
         for info in await self._list(CLAIMS):
+            if self._ours(info) is None:
+                continue
             try:
                 data = await self.backend.get(info.key)
             except ObjectNotFoundError:
                 continue
-            doc = await anyio.to_thread.run_sync(_unpack, info.key, data)
-            if now - _time(info.key, doc.get("created_at")) < ttl:
-                claimed |= _blob_set(info.key, doc.get("blobs"))
+            try:
+                doc = await anyio.to_thread.run_sync(_unpack, info.key, data)
+                if now - _time(info.key, doc.get("created_at")) < ttl:
+                    claimed |= _blob_set(info.key, doc.get("blobs"))
+            except IntegrityError:
+                if now - info.modified < ttl:
+                    # It may protect any blob: no sweep until it expires.
+                    raise
+                self._stray(info.key, "an unreadable claim, expired")
         return claimed
 
     # -- writers' side ----------------------------------------------------------------------
@@ -266,4 +308,11 @@ class GcState:
         await self.backend.delete(f"{PINS}{checkpoint_id}")
 
     async def pinned(self) -> set[str]:
-        return {info.key[len(PINS) :] for info in await self._list(PINS)}
+        pins: set[str] = set()
+        for info in await self._list(PINS):
+            name = info.key[len(PINS) :]
+            if _ID_NAME.match(name):
+                pins.add(name)
+            else:
+                self._stray(info.key, "not a pin")
+        return pins

@@ -130,3 +130,17 @@ class FailNthDelete(BackendWrapper):
         if self.deletes >= self.nth:
             raise StorageUnavailableError(f"crashed before deleting {key}")
         await self.inner.delete(key)
+
+
+class SkewedClock:
+    """Another host's clock: ``offset`` seconds off the shared fake clock."""
+
+    def __init__(self, clock: FakeClock, offset: float) -> None:
+        self.clock = clock
+        self.offset = offset
+
+    def now(self) -> float:
+        return self.clock.now() + self.offset
+
+    async def sleep(self, seconds: float) -> None:
+        await self.clock.sleep(seconds)

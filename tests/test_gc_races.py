@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from gcutil import ClockedBackend, Gate, GatedBackend
+from gcutil import ClockedBackend, Gate, GatedBackend, SkewedClock
 from test_gc import GRACE, World, _attach, _snapshot, _tree
+
+import castore
 
 pytestmark = pytest.mark.anyio
 
@@ -86,3 +88,56 @@ async def test_a_marker_left_by_a_killed_gc_does_not_stop_load_from_priming_the_
     assert out is not None
     again = await w.writer.save(out)
     assert again.read_bytes == 0  # the restored files were vouched for by the load
+
+
+async def test_a_pin_added_while_gc_waits_for_confirmation_is_honoured(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    w = World(tmp_path)
+    infos = [await w.writer.write(f"step {i}".encode()) for i in range(3)]
+    plan = await w.gc.plan_gc(keep_last=1, grace=GRACE)
+    assert {r.id for r in plan.expire} == {infos[0].id, infos[1].id}
+    await w.gc.pin(infos[0].id)  # "proceed?" is still on the screen
+    report = await plan.execute()
+    assert report.expired == (infos[1].id,)
+    assert [i.id for i in await w.writer.list()] == [infos[0].id, infos[2].id]
+
+
+async def test_keep_within_counts_from_the_store_time_not_the_writer_clock(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    w = World(tmp_path)
+    slow = castore.CheckpointStore(
+        "memory://", key="k", clock=SkewedClock(w.clock, -2 * 3600), cache_dir=tmp_path / "c"
+    )
+    _attach(slow, ClockedBackend(w.inner, w.clock, w.times))
+    info = await slow.write(b"just now, by a host whose clock is 2 h slow")
+    plan = await w.gc.plan_gc(keep_within=3600, grace=GRACE)
+    assert plan.expire == ()
+    assert (await plan.execute()).expired == ()
+    assert [i.id for i in await w.writer.list()] == [info.id]
+
+
+async def test_a_gc_whose_clock_ran_ahead_does_not_freeze_the_generation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from castore._gcstate import GcState
+
+    w = World(tmp_path)
+    state = GcState(ClockedBackend(w.inner, w.clock, w.times))
+    await state.bump_generation(w.clock.now() + 10 * 365 * 86400)  # a clock years ahead
+    w.clock.advance(60)
+    before = (await state.snapshot()).generation
+    w.clock.advance(60)
+    await state.bump_generation(w.clock.now())  # a later sweep, right clock
+    assert (await state.snapshot()).generation != before
+
+
+async def test_stray_objects_under_gc_are_ignored(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    w = World(tmp_path)
+    src = _tree(tmp_path / "src", 1)
+    await w.writer.save(src)
+    for key in ("gc/sweeping/.DS_Store", "gc/candidates/README", "gc/claims/notes.txt", "pins/x"):
+        await w.inner.put(key, b"not castore's")
+    await w.inner.put("gc/candidates/0000000000001-abcdef01", b"garbage, not zstd")
+    _tree(src, 2)
+    await w.writer.save(src)
+    w.clock.advance(GRACE + 1)
+    report = await w.run_gc(keep_last=1)
+    assert report.complete and report.marked_blobs > 0
+    out = await w.writer.load(tmp_path / "out")
+    assert out is not None and _snapshot(out) == _snapshot(src)
