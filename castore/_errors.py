@@ -9,6 +9,7 @@
     ├── LocalFileError (OSError)           a local file or directory could not be read or written
     ├── CheckpointNotFoundError (LookupError)     no checkpoint has the requested id
     ├── StoreNotFoundError (LookupError)   no castore store at the URL
+    ├── GcConflict                         a concurrent gc got in the way; try again
     ├── IntegrityError                     stored data is corrupt, missing or unsafe
     │   └── BlobMissingError               a blob a checkpoint needs is not in the store
     └── StorageError                       the object store failed
@@ -28,6 +29,7 @@ __all__ = [
     "CastoreError",
     "CheckpointNotFoundError",
     "DestinationError",
+    "GcConflict",
     "IntegrityError",
     "InvalidURLError",
     "LocalFileError",
@@ -83,6 +85,11 @@ class CheckpointNotFoundError(CastoreError, LookupError):
 class StoreNotFoundError(CastoreError, LookupError):
     """There is no castore store at the URL (no ``castore.json``). Only ``save()``
     creates a store; every other operation requires an existing one."""
+
+
+class GcConflict(CastoreError):
+    """A concurrent gc got in the way: another gc run is sweeping the store, or a save
+    kept finding blobs it relied on deleted by one. Nothing was changed; try again."""
 
 
 class IntegrityError(CastoreError):

@@ -268,7 +268,7 @@ async def _sweep(
     policy: RetentionPolicy | None = None,
 ) -> GcReport:
     started = clock.now()
-    marker = await state.begin_sweep(started)
+    marker = await state.begin_sweep(started, SWEEP_TTL)
     try:
         # Pins are read again: one added while the plan waited for confirmation counts.
         pinned = await state.pinned()

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import anyio
 
 from ._clock import Clock
-from ._errors import CastoreError
+from ._errors import GcConflict
 from ._gcstate import GcSnapshot, GcState
 from ._repository import Repository, blob_key
 from ._taskgroup import for_each
@@ -32,10 +32,6 @@ SWEEP_TTL = 600.0
 """A sweep stops deleting after half this; a marker older than this is stale."""
 CLAIM_TTL = 1800.0
 """A claim older than this was left by a writer that died; gc ignores it."""
-
-
-class GcConflict(CastoreError):
-    """A blob this save relied on was deleted by a concurrent gc; the save retries."""
 
 
 async def guard_commit(

@@ -25,7 +25,7 @@ import anyio.to_thread
 import zstandard
 
 from ._backends import Backend, ObjectInfo
-from ._errors import IntegrityError, ObjectNotFoundError
+from ._errors import GcConflict, IntegrityError, ObjectNotFoundError
 
 __all__ = ["CandidateRecord", "DamageRecord", "GcSnapshot", "GcState"]
 
@@ -232,9 +232,29 @@ class GcState:
         await self.backend.delete(record.key)
         self._records.pop(record.key, None)
 
-    async def begin_sweep(self, now: float) -> str:
+    async def begin_sweep(self, now: float, ttl: float) -> str:
+        """Write this run's sweep marker, which is also its lease: of the markers younger
+        than ``ttl`` (by the store's clock), only the one the store received strictly
+        first may sweep. Any other run deletes its marker and raises GcConflict, so two
+        sweeps never overlap (two that start at once both back off). Markers older than
+        ``ttl`` belong to runs that stopped deleting long ago (a run stops at half of
+        it): they are removed."""
         key = _stamp(SWEEPING, now)
         await self.backend.put(key, b"")
+        markers = await self._list(SWEEPING)
+        mine = next((m for m in markers if m.key == key), None)
+        if mine is None:
+            raise GcConflict(f"the sweep marker {key} is not listed; try again")
+        for other in markers:
+            if other.key == key:
+                continue
+            if mine.modified - other.modified >= ttl:
+                await self.backend.delete(other.key)  # left by a killed run
+            elif other.modified <= mine.modified:
+                await self.backend.delete(key)
+                raise GcConflict(
+                    f"another gc is sweeping this store (marker {other.key}); try again later"
+                )
         return key
 
     async def end_sweep(self, key: str) -> None:

@@ -10,6 +10,7 @@ from gcutil import ClockedBackend, Gate, GatedBackend, SkewedClock
 from test_gc import GRACE, World, _attach, _snapshot, _tree
 
 import castore
+from castore._maintenance import Maintenance
 
 pytestmark = pytest.mark.anyio
 
@@ -83,7 +84,9 @@ async def test_a_marker_left_by_a_killed_gc_does_not_stop_load_from_priming_the_
     src = _tree(tmp_path / "src", 1)
     await w.writer.save(src)
     # What a gc killed mid-sweep leaves behind, long ago.
-    await GcState(w.inner).begin_sweep(w.clock.now() - 2 * SWEEP_TTL)
+    w.clock.advance(-2 * SWEEP_TTL)
+    await GcState(ClockedBackend(w.inner, w.clock, w.times)).begin_sweep(w.clock.now(), SWEEP_TTL)
+    w.clock.advance(2 * SWEEP_TTL)
     out = await w.writer.load(tmp_path / "out")
     assert out is not None
     again = await w.writer.save(out)
@@ -141,3 +144,56 @@ async def test_stray_objects_under_gc_are_ignored(tmp_path) -> None:  # type: ig
     assert report.complete and report.marked_blobs > 0
     out = await w.writer.load(tmp_path / "out")
     assert out is not None and _snapshot(out) == _snapshot(src)
+
+
+async def test_two_gc_runs_never_sweep_at_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """G1 decides to delete the blobs of a due record and pauses; G2 must not delete
+    them and the record meanwhile, or a writer that starts then re-uploads them without
+    a claim, commits, and G1 deletes them when it resumes."""
+    w = World(tmp_path)
+    g1_gates: list[Gate] = []
+    _attach(w.gc, GatedBackend(ClockedBackend(w.inner, w.clock, w.times), g1_gates))
+    g2 = Maintenance("memory://", clock=w.clock)
+    _attach(g2, ClockedBackend(w.inner, w.clock, w.times))
+    src = _tree(tmp_path / "src", 1)
+    await w.writer.save(src)
+    await (await w.gc.plan_gc(keep_last=0, grace=GRACE)).execute()
+    w.clock.advance(GRACE + 1)
+    assert (await w.run_gc()).marked_blobs > 0
+    w.clock.advance(GRACE + 1)
+    # G1 pauses after deciding, before its budget check and deletes (a pause between
+    # that check and the delete request itself is the one gc.md assumes away).
+    deleting = Gate("put", "gc/generation/")
+    g1_gates.append(deleting)
+    result = []
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(w.run_gc)
+            await deleting.reached.wait()  # G1 decided, and pauses before deleting
+            try:
+                await (await g2.plan_gc(grace=GRACE)).execute()
+            except castore.GcConflict:
+                pass  # refused while G1 sweeps
+            result.append(await w.writer.save(src))
+            deleting.release.set()
+    assert (await w.gc.verify(full=True)).ok
+    out = await w.writer.load(tmp_path / "out")
+    assert out is not None and _snapshot(out) == _snapshot(src)
+
+
+async def test_a_second_gc_is_refused_while_one_sweeps_and_stale_markers_are_cleared(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    from castore._gcguard import SWEEP_TTL
+    from castore._gcstate import SWEEPING, GcState
+
+    w = World(tmp_path)
+    clocked = ClockedBackend(w.inner, w.clock, w.times)
+    first = await GcState(clocked).begin_sweep(w.clock.now(), SWEEP_TTL)
+    w.clock.advance(1)
+    with pytest.raises(castore.GcConflict):
+        await GcState(clocked).begin_sweep(w.clock.now(), SWEEP_TTL)
+    assert [i.key async for i in w.inner.list(SWEEPING)] == [first]  # the loser cleaned up
+    w.clock.advance(SWEEP_TTL)  # the first run was killed long ago
+    second = await GcState(clocked).begin_sweep(w.clock.now(), SWEEP_TTL)
+    assert [i.key async for i in w.inner.list(SWEEPING)] == [second]
