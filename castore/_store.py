@@ -24,11 +24,12 @@ from ._errors import (
     BlobMissingError,
     CastoreError,
     CheckpointNotFoundError,
+    GcConflict,
     IntegrityError,
     SourceNotFoundError,
     UsageError,
 )
-from ._gcguard import SWEEP_TTL, GcConflict, guard_commit
+from ._gcguard import SWEEP_TTL, confirm_commit, guard_commit
 from ._gcstate import GcSnapshot, GcState
 from ._manifest import Manifest, checkpoint_info, validate_key
 from ._repository import ManifestRef, Repository
@@ -189,17 +190,29 @@ class CheckpointStore:
         await self.repo.backend.flush()
         seq = refs[-1].seq + 1 if refs else 1
         manifest = self._manifest(kind, seq, result, meta, pin, time.perf_counter() - started)
-        claim = await guard_commit(
+        blobs = [b for b, _ in manifest.blobs]
+        claim, checked_at = await guard_commit(
             self._gc_state,
             self.repo,
             manifest.id,
-            (b for b, _ in manifest.blobs),
+            blobs,
             at_start=gc_at_start,
             started_at=started_at,
             clock=self._clock,
         )
         try:
-            await self.repo.commit_manifest(manifest)
+            ref = await self.repo.commit_manifest(manifest)
+            missing = await confirm_commit(
+                self._gc_state, self.repo, blobs, checked_at, self._clock
+            )
+            if missing:
+                # Paused past the commit window, and a gc deleted blobs meanwhile: take
+                # the broken checkpoint back; the save runs again trusting no cache.
+                with anyio.CancelScope(shield=True):
+                    await self.repo.delete_manifest(ref)
+                raise GcConflict(
+                    f"{len(missing)} blob(s) were deleted by a gc while this save was paused"
+                )
         finally:
             if claim is not None:
                 with anyio.CancelScope(shield=True):

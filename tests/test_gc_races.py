@@ -197,3 +197,38 @@ async def test_a_second_gc_is_refused_while_one_sweeps_and_stale_markers_are_cle
     w.clock.advance(SWEEP_TTL)  # the first run was killed long ago
     second = await GcState(clocked).begin_sweep(w.clock.now(), SWEEP_TTL)
     assert [i.key async for i in w.inner.list(SWEEPING)] == [second]
+
+
+async def test_a_writer_paused_between_its_check_and_its_commit_never_leaves_a_broken_checkpoint(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """The writer checks its at-risk blobs, writes its claim, then is suspended before
+    the manifest put for longer than a claim lives; a gc ignores the stale claim and
+    deletes the blobs. On resuming, the writer's commit must not stand broken."""
+    from castore._gcguard import CLAIM_TTL
+
+    w = World(tmp_path)
+    src = _tree(tmp_path / "src", 1)
+    await w.writer.save(src)
+    await (await w.gc.plan_gc(keep_last=0, grace=GRACE)).execute()
+    w.clock.advance(GRACE + 1)
+    assert (await w.run_gc()).marked_blobs > 0  # the writer's blobs are now candidates
+    w.clock.advance(GRACE + 1)
+    paused = Gate("put_if_absent", "manifests/")
+    w.gates.append(paused)
+    result = []
+
+    async def writer() -> None:
+        result.append(await w.writer.save(src))
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer)
+            await paused.reached.wait()  # checked, claimed, about to put the manifest
+            w.clock.advance(CLAIM_TTL + 1)
+            assert (await w.run_gc()).deleted_blobs > 0
+            paused.release.set()
+    assert (await w.gc.verify(full=True)).ok
+    assert [i.id for i in await w.writer.list()] == [result[0].id]
+    out = await w.writer.load(tmp_path / "out")
+    assert out is not None and _snapshot(out) == _snapshot(src)
