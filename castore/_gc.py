@@ -239,7 +239,7 @@ def _decide(
     recorded: set[str] = set()
     for record in records:
         recorded |= record.blobs
-        if now - record.created_at < grace:
+        if now - record.stored_at < grace:
             continue
         for b in record.blobs:
             info = blobs.get(b)
@@ -268,21 +268,27 @@ async def _sweep(
     policy: RetentionPolicy | None = None,
 ) -> GcReport:
     started = clock.now()
-    marker = await state.begin_sweep(started, SWEEP_TTL)
+    marker, marker_at = await state.begin_sweep(started, SWEEP_TTL)
+
+    def store_now() -> float:
+        # The store's clock, advanced by our own: every age compared below is of an
+        # object another host wrote, so no host's clock error enters.
+        return marker_at + (clock.now() - started)
+
     try:
         # Pins are read again: one added while the plan waited for confirmation counts.
         pinned = await state.pinned()
         expired = tuple(
             r.id
             for r in planned_expiry
-            if r.id not in pinned and not (policy and _within(r, policy, clock.now()))
+            if r.id not in pinned and not (policy and _within(r, policy, store_now()))
         )
         for ref in planned_expiry:
             if ref.id in expired:
                 await repo.delete_manifest(ref)
         # Read claims and manifests only after the marker is visible: a writer whose
         # claim we miss will see the marker and wait for us (docs/gc.md).
-        claimed = await state.claimed_blobs(clock.now(), CLAIM_TTL)
+        claimed = await state.claimed_blobs(store_now(), CLAIM_TTL)
         # Every manifest listed now counts; only those committed since the plan are read.
         damaged: list[str] = []
         summaries = await _summarize(repo, await repo.list_manifests(), known, damaged)
@@ -292,12 +298,12 @@ async def _sweep(
         referenced = _referenced(summaries.values())
         blobs = await _list_blobs(repo)
         records = list((await state.snapshot()).records)
-        now = clock.now()
+        now = store_now()
         deletable, markable = _decide(blobs, referenced, claimed, records, now, grace)
         freed = 0
         deleted = 0
         complete = True
-        due = [r for r in records if now - r.created_at >= grace]
+        due = [r for r in records if now - r.stored_at >= grace]
         if markable:
             record = await state.write_record(clock.now(), grace, markable)
             if grace == 0:
@@ -315,6 +321,11 @@ async def _sweep(
             freed += sum(blobs[b].size for b in batch)
             if progress is not None:
                 progress(len(batch))
+        if deleted:
+            # Again after deleting: a save that stamped its stat cache with the first
+            # marker while this sweep ran checks its blobs once more. Before the records
+            # go: until then, they make writers check the deleted blobs anyway.
+            await state.bump_generation(clock.now())
         if complete:
             for record in due:
                 await state.delete_record(record)

@@ -62,9 +62,9 @@ async def guard_commit(
             at_risk = wanted
         if not at_risk:
             return None, checked_at
-        claim = await state.write_claim(checkpoint_id, clock.now(), at_risk)
+        claim, claimed_at = await state.write_claim(checkpoint_id, clock.now(), at_risk)
         try:
-            await _wait_for_sweeps(state, clock)
+            await _wait_for_sweeps(state, clock, claimed_at)
             missing = await _missing(repo, at_risk)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -79,7 +79,12 @@ async def guard_commit(
 
 
 async def confirm_commit(
-    state: GcState, repo: Repository, blobs: Iterable[str], checked_at: float, clock: Clock
+    state: GcState,
+    repo: Repository,
+    manifest_key: str,
+    blobs: Iterable[str],
+    checked_at: float,
+    clock: Clock,
 ) -> list[str]:
     """After the manifest put: the blobs it references that a gc deleted meanwhile.
 
@@ -90,15 +95,20 @@ async def confirm_commit(
     check every blob. The caller withdraws the manifest if any is missing."""
     if clock.now() - checked_at < COMMIT_WINDOW:
         return []
-    await _wait_for_sweeps(state, clock)
+    await _wait_for_sweeps(state, clock, await state.store_time(manifest_key, clock.now()))
     return await _missing(repo, set(blobs))
 
 
-async def _wait_for_sweeps(state: GcState, clock: Clock) -> None:
-    # A sweep that began before our claim was visible may not have seen it: wait it
-    # out. Sweeps stop themselves at SWEEP_TTL / 2, so this ends.
+async def _wait_for_sweeps(state: GcState, clock: Clock, store_time: float) -> None:
+    """Wait out the sweeps that began before our claim (or manifest) was visible: they
+    may not have seen it. Sweeps stop deleting at SWEEP_TTL / 2, so this ends.
+
+    ``store_time``: the store's clock when it received that object, advanced by ours:
+    markers' ages are measured on the store's clock, so a host whose clock is off
+    neither stops waiting early nor waits forever."""
+    started = clock.now()
     delay = 0.05
-    while (await state.snapshot()).sweeping(clock.now(), SWEEP_TTL):
+    while (await state.snapshot()).sweeping(store_time + clock.now() - started, SWEEP_TTL):
         await clock.sleep(delay)
         delay = min(delay * 2, 2.0)
 

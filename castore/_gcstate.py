@@ -73,7 +73,7 @@ class GcSnapshot:
 
     records: tuple[CandidateRecord, ...]
     sweeps: tuple[float, ...]
-    """Start times of the sweeps whose markers exist."""
+    """When the store received each sweep marker (the store's clock)."""
     generation: str
     """The newest generation marker: it changes whenever a sweep may delete blobs."""
     damage: tuple[DamageRecord, ...] = ()
@@ -89,16 +89,13 @@ class GcSnapshot:
         return out
 
     def sweeping(self, now: float, ttl: float) -> bool:
-        """Whether a sweep may still be deleting (markers older than ``ttl`` are stale)."""
+        """Whether a sweep may still be deleting at ``now`` (the store's clock): markers
+        older than ``ttl`` are stale."""
         return any(now - started < ttl for started in self.sweeps)
 
 
 def _stamp(prefix: str, now: float) -> str:
     return f"{prefix}{int(now * 1000):013d}-{os.urandom(4).hex()}"
-
-
-def _stamp_time(key: str, prefix: str) -> float:
-    return int(key[len(prefix) :].split("-", 1)[0]) / 1000
 
 
 def _pack(doc: dict[str, object]) -> bytes:
@@ -174,7 +171,7 @@ class GcState:
                 # Unreadable to every writer and gc alike: nobody deletes by it.
                 self._stray(info.key, exc)
             if kind == SWEEPING:
-                sweeps.append(_stamp_time(info.key, SWEEPING))
+                sweeps.append(info.modified)
             elif kind == GENERATION:
                 # The newest marker by the store's clock, not by name: a gc whose clock
                 # ran ahead must not freeze the generation at its far-future name.
@@ -222,8 +219,7 @@ class GcState:
             _pack, {"created_at": created_at, "grace": grace, "blobs": listed}
         )
         await self.backend.put(key, data)
-        head = await self.backend.head(key)
-        stored_at = head.modified if head is not None else created_at
+        stored_at = await self.store_time(key, created_at)
         record = CandidateRecord(key, created_at, grace, frozenset(listed), stored_at)
         self._records[key] = record
         return record
@@ -232,30 +228,35 @@ class GcState:
         await self.backend.delete(record.key)
         self._records.pop(record.key, None)
 
-    async def begin_sweep(self, now: float, ttl: float) -> str:
+    async def begin_sweep(self, now: float, ttl: float) -> tuple[str, float]:
         """Write this run's sweep marker, which is also its lease: of the markers younger
         than ``ttl`` (by the store's clock), only the one the store received strictly
         first may sweep. Any other run deletes its marker and raises GcConflict, so two
         sweeps never overlap (two that start at once both back off). Markers older than
         ``ttl`` belong to runs that stopped deleting long ago (a run stops at half of
-        it): they are removed."""
+        it): they are removed, and the generation bumped, since such a run may have
+        deleted blobs without bumping it at its end.
+
+        Returns the marker's key and the store's time when it received it: the gc's
+        reference for every comparison with the times of other hosts' objects."""
         key = _stamp(SWEEPING, now)
         await self.backend.put(key, b"")
         markers = await self._list(SWEEPING)
         mine = next((m for m in markers if m.key == key), None)
         if mine is None:
             raise GcConflict(f"the sweep marker {key} is not listed; try again")
+        stale = [m for m in markers if mine.modified - m.modified >= ttl]
         for other in markers:
-            if other.key == key:
-                continue
-            if mine.modified - other.modified >= ttl:
-                await self.backend.delete(other.key)  # left by a killed run
-            elif other.modified <= mine.modified:
+            if other.key != key and other not in stale and other.modified <= mine.modified:
                 await self.backend.delete(key)
                 raise GcConflict(
                     f"another gc is sweeping this store (marker {other.key}); try again later"
                 )
-        return key
+        if stale:
+            await self.bump_generation(now)
+            for other in stale:
+                await self.backend.delete(other.key)  # left by a killed run
+        return key, mine.modified
 
     async def end_sweep(self, key: str) -> None:
         await self.backend.delete(key)
@@ -268,8 +269,9 @@ class GcState:
             await self.backend.delete(info.key)
 
     async def claimed_blobs(self, now: float, ttl: float) -> set[str]:
-        """Blobs named by claims younger than ``ttl`` (older ones were left by writers
-        that died before committing)."""
+        """Blobs named by claims the store received less than ``ttl`` before ``now``
+        (the store's clock; older ones were left by writers that died before
+        committing, or are checked again by their writer after its commit)."""
         claimed: set[str] = set()
         for info in await self._list(CLAIMS):
             if self._ours(info) is None:
@@ -278,24 +280,28 @@ class GcState:
                 data = await self.backend.get(info.key)
             except ObjectNotFoundError:
                 continue
-            try:
-                doc = await anyio.to_thread.run_sync(_unpack, info.key, data)
-                if now - _time(info.key, doc.get("created_at")) < ttl:
-                    claimed |= _blob_set(info.key, doc.get("blobs"))
-            except IntegrityError:
-                if now - info.modified < ttl:
-                    # It may protect any blob: no sweep until it expires.
-                    raise
-                self._stray(info.key, "an unreadable claim, expired")
+            if now - info.modified >= ttl:
+                continue
+            # Unreadable, it may protect any blob: no sweep until it expires.
+            doc = await anyio.to_thread.run_sync(_unpack, info.key, data)
+            claimed |= _blob_set(info.key, doc.get("blobs"))
         return claimed
 
     # -- writers' side ----------------------------------------------------------------------
 
-    async def write_claim(self, checkpoint_id: str, now: float, blobs: Iterable[str]) -> str:
+    async def write_claim(
+        self, checkpoint_id: str, now: float, blobs: Iterable[str]
+    ) -> tuple[str, float]:
+        """Write a claim; its key, and the store's time when it received it."""
         key = f"{CLAIMS}{checkpoint_id}"
         data = await anyio.to_thread.run_sync(_pack, {"created_at": now, "blobs": sorted(blobs)})
         await self.backend.put(key, data)
-        return key
+        return key, await self.store_time(key, now)
+
+    async def store_time(self, key: str, fallback: float) -> float:
+        """The store's time when it received the object ``key`` just written."""
+        info = await self.backend.head(key)
+        return info.modified if info is not None else fallback
 
     async def delete_claim(self, key: str) -> None:
         await self.backend.delete(key)

@@ -29,7 +29,7 @@ from ._errors import (
     SourceNotFoundError,
     UsageError,
 )
-from ._gcguard import SWEEP_TTL, confirm_commit, guard_commit
+from ._gcguard import confirm_commit, guard_commit
 from ._gcstate import GcSnapshot, GcState
 from ._manifest import Manifest, checkpoint_info, validate_key
 from ._repository import ManifestRef, Repository
@@ -203,7 +203,7 @@ class CheckpointStore:
         try:
             ref = await self.repo.commit_manifest(manifest)
             missing = await confirm_commit(
-                self._gc_state, self.repo, blobs, checked_at, self._clock
+                self._gc_state, self.repo, ref.object_key, blobs, checked_at, self._clock
             )
             if missing:
                 # Paused past the commit window, and a gc deleted blobs meanwhile: take
@@ -255,7 +255,7 @@ class CheckpointStore:
             target = await restore(self.repo, manifest, Path(dest), self._restore_options)
         except IntegrityError as exc:
             raise await self._unrestorable(manifest, refs, exc) from exc
-        if gc_at_start is not None and not gc_at_start.sweeping(self._clock.now(), SWEEP_TTL):
+        if gc_at_start is not None:
             try:
                 await self._prime_stat_cache(manifest, target, gc_at_start)
             except CastoreError as exc:
@@ -436,11 +436,9 @@ class CheckpointStore:
             cache.forget()
         if cache.generation != gc_now.generation and len(cache):
             cache.retain(await self.repo.existing_blobs())
-        # A sweep still running may delete blobs after the listing above: the cache
-        # may vouch for the new generation only once no sweep is live, so that the
-        # next save checks again.
-        if not gc_now.sweeping(self._clock.now(), SWEEP_TTL):
-            cache.generation = gc_now.generation
+        # A sweep still running may delete blobs after the listing above; it bumps the
+        # generation again once it has, so the next save checks again (docs/gc.md).
+        cache.generation = gc_now.generation
         return cache
 
     def _load_stat_cache(self, store_id: str) -> StatCache:

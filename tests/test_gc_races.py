@@ -189,13 +189,13 @@ async def test_a_second_gc_is_refused_while_one_sweeps_and_stale_markers_are_cle
 
     w = World(tmp_path)
     clocked = ClockedBackend(w.inner, w.clock, w.times)
-    first = await GcState(clocked).begin_sweep(w.clock.now(), SWEEP_TTL)
+    first, _ = await GcState(clocked).begin_sweep(w.clock.now(), SWEEP_TTL)
     w.clock.advance(1)
     with pytest.raises(castore.GcConflict):
         await GcState(clocked).begin_sweep(w.clock.now(), SWEEP_TTL)
     assert [i.key async for i in w.inner.list(SWEEPING)] == [first]  # the loser cleaned up
     w.clock.advance(SWEEP_TTL)  # the first run was killed long ago
-    second = await GcState(clocked).begin_sweep(w.clock.now(), SWEEP_TTL)
+    second, _ = await GcState(clocked).begin_sweep(w.clock.now(), SWEEP_TTL)
     assert [i.key async for i in w.inner.list(SWEEPING)] == [second]
 
 
@@ -232,3 +232,77 @@ async def test_a_writer_paused_between_its_check_and_its_commit_never_leaves_a_b
     assert [i.id for i in await w.writer.list()] == [result[0].id]
     out = await w.writer.load(tmp_path / "out")
     assert out is not None and _snapshot(out) == _snapshot(src)
+
+
+# -- clock skew: every age is measured on the store's clock ------------------------------
+
+
+async def _marked(w: World, src) -> None:  # type: ignore[no-untyped-def]
+    """Save ``src`` and expire it: its blobs are candidates in a record, due now."""
+    await w.writer.save(src)
+    await (await w.gc.plan_gc(keep_last=0, grace=GRACE)).execute()
+    w.clock.advance(GRACE + 1)
+    assert (await w.run_gc()).marked_blobs > 0
+    w.clock.advance(GRACE + 1)
+
+
+def _host(w: World, tmp_path, offset: float, gates: list[Gate] | None = None):  # type: ignore[no-untyped-def]
+    """A writer on another host, whose clock is ``offset`` seconds off the store's."""
+    store = castore.CheckpointStore(
+        "memory://", key="k", clock=SkewedClock(w.clock, offset), cache_dir=tmp_path / "cache"
+    )
+    _attach(store, GatedBackend(ClockedBackend(w.inner, w.clock, w.times), gates or []))
+    return store
+
+
+async def test_a_writer_clock_ahead_still_waits_for_a_live_sweep(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    w = World(tmp_path)
+    g1_gates: list[Gate] = []
+    _attach(w.gc, GatedBackend(ClockedBackend(w.inner, w.clock, w.times), g1_gates))
+    src = _tree(tmp_path / "src", 1)
+    await _marked(w, src)
+    deciding = Gate("put", "gc/generation/")
+    g1_gates.append(deciding)
+    ahead = _host(w, tmp_path, offset=15 * 60)
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(w.run_gc)
+            await deciding.reached.wait()  # the sweep decided to delete the candidates
+            await ahead.save(src)  # reuses them: must not take the live marker as stale
+            deciding.release.set()
+    assert (await w.gc.verify(full=True)).ok
+
+
+async def test_a_writer_clock_behind_still_protects_its_claim(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    w = World(tmp_path)
+    src = _tree(tmp_path / "src", 1)
+    await _marked(w, src)
+    gates = [Gate("put_if_absent", "manifests/")]
+    behind = _host(w, tmp_path, offset=-40 * 60, gates=gates)
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(behind.save, src)
+            await gates[0].reached.wait()  # claimed and checked, about to commit
+            await w.run_gc()  # must honour the claim, however old its writer's clock says
+            gates[0].release.set()
+    assert (await w.gc.verify(full=True)).ok
+
+
+async def test_a_gc_clock_ahead_does_not_sweep_a_fresh_record(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    w = World(tmp_path)
+    src = _tree(tmp_path / "src", 1)
+    await w.writer.save(src)
+    await (await w.gc.plan_gc(keep_last=0, grace=GRACE)).execute()
+    w.clock.advance(GRACE + 1)
+    guard = Gate("list", "gc/", nth=2)  # the writer's commit guard; the 1st is at its start
+    w.gates.append(guard)
+    ahead = Maintenance("memory://", clock=SkewedClock(w.clock, GRACE + 60))
+    _attach(ahead, ClockedBackend(w.inner, w.clock, w.times))
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(w.writer.save, src)  # reuses the garbage blobs from its cache
+            await guard.reached.wait()
+            assert (await w.run_gc()).marked_blobs > 0  # a record, fresh
+            await (await ahead.plan_gc(grace=GRACE)).execute()  # its clock says: due
+            guard.release.set()
+    assert (await w.gc.verify(full=True)).ok
