@@ -144,3 +144,30 @@ class SkewedClock:
 
     async def sleep(self, seconds: float) -> None:
         await self.clock.sleep(seconds)
+
+
+class CrashAfterBlobDelete(BackendWrapper):
+    """A gc process that dies right after its first batch of blob deletes: every
+    request after it fails, so nothing it would do next (markers, records) happens."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner)
+        self.dead = False
+
+    def _check(self) -> None:
+        if self.dead:
+            raise StorageUnavailableError("the gc process is gone")
+
+    async def delete_many(self, keys: list[str]) -> None:
+        self._check()
+        await self.inner.delete_many(keys)
+        if keys and keys[0].startswith("blobs/"):
+            self.dead = True
+
+    async def put(self, key: str, data: bytes) -> None:
+        self._check()
+        await self.inner.put(key, data)
+
+    async def delete(self, key: str) -> None:
+        self._check()
+        await self.inner.delete(key)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
-from gcutil import ClockedBackend, Gate, GatedBackend, SkewedClock
+from gcutil import ClockedBackend, CrashAfterBlobDelete, Gate, GatedBackend, SkewedClock
 from test_gc import GRACE, World, _attach, _snapshot, _tree
 
 import castore
@@ -305,4 +305,37 @@ async def test_a_gc_clock_ahead_does_not_sweep_a_fresh_record(tmp_path) -> None:
             assert (await w.run_gc()).marked_blobs > 0  # a record, fresh
             await (await ahead.plan_gc(grace=GRACE)).execute()  # its clock says: due
             guard.release.set()
+    assert (await w.gc.verify(full=True)).ok
+
+
+async def test_a_gc_killed_after_deleting_cannot_leave_a_stat_cache_trusting_its_deletes(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """A sweep dies after deleting blobs, before its closing generation bump; a save
+    had stamped its stat cache while it ran. The next gc clears the dead run's marker
+    and its records: it must bump the generation, or that cache is trusted again."""
+    from castore._gcguard import SWEEP_TTL
+
+    w = World(tmp_path)
+    first = _tree(tmp_path / "first", 1)
+    await _marked(w, first)
+    g1_gates = [Gate("delete_many", "blobs/")]
+    g1 = Maintenance("memory://", clock=w.clock)
+    clocked = ClockedBackend(w.inner, w.clock, w.times)
+    _attach(g1, GatedBackend(CrashAfterBlobDelete(clocked), g1_gates))
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+
+            async def doomed_gc() -> None:
+                with pytest.raises(castore.CastoreError):
+                    await (await g1.plan_gc(grace=GRACE)).execute()
+
+            tg.start_soon(doomed_gc)
+            await g1_gates[0].reached.wait()
+            await w.writer.save(_tree(tmp_path / "second", 2))  # stamps the cache
+            g1_gates[0].release.set()
+    w.clock.advance(SWEEP_TTL + 1)
+    await w.run_gc()  # clears the dead run's marker and its records
+    resaved = await w.writer.save(first)
+    assert resaved.new_bytes > 0
     assert (await w.gc.verify(full=True)).ok
