@@ -137,7 +137,7 @@ def run_sync(func: Callable[..., Awaitable[T]], *args: Any) -> T:
         # can land after we return.
         if not future.done() and future.cancel() and not finished.wait(CANCEL_WAIT):
             _log.warning(
-                "castore: an interrupted operation did not stop within %.0f s; it "
+                "castore: an interrupted operation did not stop within %g s; it "
                 "commits nothing now that it is cancelled",
                 CANCEL_WAIT,
             )

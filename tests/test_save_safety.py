@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -93,7 +94,9 @@ def rewrite_large(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Rewrite
 
 
 @pytest.fixture
-def rewrite_small(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Rewriter, int, float], None]]:
+def rewrite_small(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Callable[[Rewriter, int, float], None]]:
     """Tear the first ``times`` reads of the file: read ``split`` of it, rewrite it,
     read the rest."""
 
@@ -184,7 +187,7 @@ async def test_file_that_keeps_changing_fails_the_save(
     else:
         rewrite_small(rewriter, 1000, 0.5)
     store = _store(tmp_path)
-    with pytest.raises(castore.SourceChangedError, match="f.bin") as info:
+    with pytest.raises(castore.SourceChangedError, match=r"f\.bin") as info:
         await store.save(src)
     assert "kept changing" in str(info.value)
     assert rewriter.version == READ_ATTEMPTS
@@ -225,7 +228,7 @@ async def test_file_replaced_by_a_directory_after_a_change(
         return data
 
     monkeypatch.setattr(save_module, "_read_upto", read_upto)
-    with pytest.raises(castore.SourceChangedError, match="f.bin"):
+    with pytest.raises(castore.SourceChangedError, match=r"f\.bin"):
         await _store(tmp_path).save(src)
 
 
@@ -257,7 +260,9 @@ async def test_unreadable_file_and_directory_raise_local_file_error(
     for target in (src / "f.bin", src / "sub"):
         denied.clear()
         denied.add(str(target))
-        with pytest.raises(castore.LocalFileError, match=f"{target}: Permission denied") as info:
+        with pytest.raises(
+            castore.LocalFileError, match=re.escape(f"{target}: Permission denied")
+        ) as info:
             await store.save(src)
         assert isinstance(info.value.__cause__, PermissionError)
     assert await store.list() == []
