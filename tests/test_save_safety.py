@@ -315,3 +315,21 @@ def test_manifest_nested_100k_deep_is_an_integrity_error() -> None:
         body = zstandard.ZstdCompressor(write_checksum=True).compress(deep.encode())
         with pytest.raises(castore.IntegrityError, match="nested too deeply"):
             decode_manifest(manifest[:8] + body)
+
+
+async def test_stat_cache_that_cannot_be_written_does_not_fail_a_committed_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = _source(tmp_path, SMALL)
+    real_mkdir = Path.mkdir
+
+    def no_space(self: Path, *args: Any, **kwargs: Any) -> None:
+        if "statcache" in str(self):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", no_space)
+    store = _store(tmp_path)
+    info = await store.save(src)
+    assert [c.id for c in await store.list()] == [info.id]
+    assert "stat cache not written" in caplog.text
