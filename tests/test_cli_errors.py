@@ -190,3 +190,11 @@ def test_fault_is_one_line_not_a_traceback(
         assert "nested too deeply" in result.stdout
         return
     assert len(lines) == 1 and lines[0].startswith("castore: "), result.stderr
+
+
+def test_debug_shows_the_traceback(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    name_too_long(case, "load", monkeypatch)
+    result = CliRunner().invoke(cli, ["--debug", *case.args("load")])
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("castore: error: ")
