@@ -1,7 +1,9 @@
 """The ``castore`` command line: thin, over the public library only.
 
-Exit codes: 0 ok, 1 the operation failed or found problems, 2 usage. Errors print
-one line; ``--debug`` (or ``CASTORE_DEBUG=1``) shows the traceback.
+Exit codes: 0 ok, 1 the operation failed or found problems, 2 usage, 130 interrupted
+(SIGINT), 143 terminated (SIGTERM); an interrupted save or load is cancelled and
+commits or replaces nothing. Errors print one line; ``--debug`` (or
+``CASTORE_DEBUG=1``) shows the traceback.
 """
 
 from __future__ import annotations

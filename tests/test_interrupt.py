@@ -190,6 +190,7 @@ def test_ctrl_c_cancels_load_sync_and_dest_is_untouched(tmp_path: Path) -> None:
     report = _api_child(tmp_path, "load", url, dest)
     assert report["finished_when_interrupt_returned"]
     assert not dest.exists()
+    assert not [p for p in dest.parent.iterdir() if ".castore-" in p.name]  # no temp left
 
 
 def test_interrupted_operation_stuck_in_a_thread_commits_nothing_later(tmp_path: Path) -> None:
@@ -277,3 +278,4 @@ def test_cli_signal_cancels_and_exits(
     assert out == b""
     assert _manifests(store_dir) == committed
     assert not dest.exists()
+    assert not [p for p in dest.parent.iterdir() if ".castore-" in p.name]  # no temp left
