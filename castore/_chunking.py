@@ -26,7 +26,14 @@ from typing import Any
 
 from ._codec import hash_bytes
 
-__all__ = ["Batch", "BufferPool", "ChunkParams", "FileChunker", "chunk_bytes"]
+__all__ = ["Batch", "BufferPool", "ChunkParams", "FileChunker", "chunk_bytes", "open_nonblocking"]
+
+
+def open_nonblocking(path: str | os.PathLike[str], flags: int) -> int:
+    """``os.open`` for reading a file the scan saw as regular: O_NONBLOCK, so that if it
+    was replaced by a FIFO since, opening does not wait forever for a writer (the
+    stat check that follows notices the change). No effect on regular files."""
+    return os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,12 @@ class FileChunker:
         self._carry = bytearray(params.max_size)
         self._carried = 0
         self.done = False
+        self.bytes_read = 0
+        self.stat_before: os.stat_result | None = None
+        """The open file's stat before its first read: with :attr:`stat_after`, what
+        tells a caller whether the file changed while it was read."""
+        self.stat_after: os.stat_result | None = None
+        """The open file's stat after its last read (set once the end is reached)."""
 
     def next_batch(self) -> Batch:
         """The next chunks, in order, as views into a pool buffer (no copies); a batch
@@ -147,7 +160,8 @@ class FileChunker:
             return Batch([], None)
         if self._file is None:
             # Opened here, in the worker thread, not by the caller's event loop.
-            self._file = io.FileIO(self._path, "rb")
+            self._file = io.FileIO(self._path, "rb", opener=open_nonblocking)
+            self.stat_before = os.fstat(self._file.fileno())
         buffer = self._pool.acquire()
         view = memoryview(buffer)
         view[: self._carried] = self._carry[: self._carried]
@@ -156,7 +170,10 @@ class FileChunker:
         # file smaller than the segment costs a single thread hop.
         got = self._file.readinto(view[filled : filled + self._segment]) or 0
         filled += got
+        self.bytes_read += got
         eof = got < self._segment
+        if eof:
+            self.stat_after = os.fstat(self._file.fileno())
         data = view[:filled]
         chunks: list[memoryview] = []
         ids: list[str | None] = []

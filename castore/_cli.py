@@ -1,7 +1,9 @@
 """The ``castore`` command line: thin, over the public library only.
 
-Exit codes: 0 ok, 1 the operation failed or found problems, 2 usage. Errors print
-one line; ``--debug`` (or ``CASTORE_DEBUG=1``) shows the traceback.
+Exit codes: 0 ok, 1 the operation failed or found problems, 2 usage, 130 interrupted
+(SIGINT), 143 terminated (SIGTERM); an interrupted save or load is cancelled and
+commits or replaces nothing. Errors print one line; ``--debug`` (or
+``CASTORE_DEBUG=1``) shows the traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -23,6 +26,15 @@ import castore
 _STORE_HELP = "Store URL (file://…, s3://…, memory://…); default $CASTORE_URL or the user cache."
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that a
+    blocking call waiting on the loop cancels its operation the same way."""
+
+
+_INTERRUPT_CODES = {KeyboardInterrupt: 130, _Terminated: 143}
+"""128 + the signal's number, as shells report a process killed by it."""
+
+
 class _Group(click.Group):
     """Maps castore's exceptions to one-line errors and exit codes."""
 
@@ -33,16 +45,36 @@ class _Group(click.Group):
             _fail(ctx, exc, 2)
         except castore.CastoreError as exc:
             _fail(ctx, exc, 1)
-        except KeyboardInterrupt:
+        except OSError as exc:
+            # Last resort: an OS error the library did not translate (it should) is
+            # still one line, not a traceback.
+            _fail(ctx, exc, 1)
+        except (KeyboardInterrupt, _Terminated) as exc:
+            # The operation was cancelled before we got here: nothing was committed.
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exception(exc)
             click.echo("castore: interrupted", err=True)
-            ctx.exit(130)
+            ctx.exit(_INTERRUPT_CODES[type(exc)])
 
 
 def _fail(ctx: click.Context, exc: BaseException, code: int) -> None:
     if ctx.obj and ctx.obj.get("debug"):
         traceback.print_exception(exc)
-    click.echo(f"castore: error: {exc}", err=True)
+    message = str(exc)
+    if isinstance(exc, OSError) and not isinstance(exc, castore.CastoreError):
+        message = _os_message(exc)
+    click.echo(f"castore: error: {message}", err=True)
     ctx.exit(code)
+
+
+def _os_message(exc: OSError) -> str:
+    names = [n for n in (exc.filename, exc.filename2) if n is not None]
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return f"{reason}: {' -> '.join(map(str, names))}" if names else reason
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -521,4 +553,11 @@ def demo(size_mb: int, steps: int, workdir: Path | None, keep: bool, as_worker: 
 
 
 def main() -> None:
-    cli(prog_name=os.environ.get("CASTORE_PROG", "castore"))
+    # SIGTERM (a scheduler preempting the job, `kill`) cancels like Ctrl-C does.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        cli(prog_name=os.environ.get("CASTORE_PROG", "castore"))
+    except _Terminated:
+        # Outside a command (while parsing arguments): nothing was started.
+        click.echo("castore: interrupted", err=True)
+        sys.exit(143)

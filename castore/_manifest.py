@@ -44,6 +44,9 @@ __all__ = [
 
 MANIFEST_FORMAT_VERSION = 1
 MAX_MANIFEST_SIZE = 256 * 1024 * 1024
+MAX_METADATA_DEPTH = 64
+"""Nesting allowed in metadata. Far deeper values crash recursive code (json, a
+caller's ``dataclasses.asdict``) with RecursionError; they are refused instead."""
 _MAGIC = b"CSTM"
 _BLOB_ID = re.compile(r"[0-9a-f]{64}\Z")
 _KEY = re.compile(r"[A-Za-z0-9._=+@-]+(/[A-Za-z0-9._=+@-]+)*\Z")
@@ -107,6 +110,10 @@ def validate_relpath(path: object) -> str:
 
 
 def encode_manifest(m: Manifest) -> bytes:
+    if _too_deep(m.metadata):
+        raise UsageError(
+            f"checkpoint metadata is nested more than {MAX_METADATA_DEPTH} levels deep"
+        )
     doc: dict[str, Any] = {
         "format": MANIFEST_FORMAT_VERSION,
         "id": m.id,
@@ -126,6 +133,8 @@ def encode_manifest(m: Manifest) -> bytes:
         text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"checkpoint metadata must be JSON-serialisable: {exc}") from exc
+    except RecursionError as exc:
+        raise UsageError("checkpoint metadata is nested too deeply to store") from exc
     body = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(text.encode())
     return _MAGIC + bytes([MANIFEST_FORMAT_VERSION, 0, 0, 0]) + body
 
@@ -154,12 +163,33 @@ def decode_manifest(data: bytes | memoryview, *, expect_id: str | None = None) -
         doc = json.loads(text)
     except (zstandard.ZstdError, ValueError) as exc:
         raise IntegrityError(f"corrupt manifest: {exc}") from exc
+    except RecursionError as exc:
+        # No manifest castore writes nests this deep (encoding refuses it).
+        raise IntegrityError("malformed manifest: nested too deeply") from exc
     try:
         return _from_doc(doc, expect_id)
     except IntegrityError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise IntegrityError(f"malformed manifest: {exc!r}") from exc
+
+
+def _too_deep(value: object, limit: int = MAX_METADATA_DEPTH) -> bool:
+    """Whether lists and dicts nest more than ``limit`` levels in ``value`` (iterative:
+    the check itself must not recurse)."""
+    pending: list[tuple[object, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth >= limit:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _int(value: object, what: str, lo: int = 0, hi: int | None = None) -> int:
@@ -197,6 +227,8 @@ def _from_doc(doc: dict[str, Any], expect_id: str | None) -> Manifest:
     stats = doc["stats"]
     if not isinstance(metadata, dict) or not isinstance(stats, dict):
         raise IntegrityError("malformed manifest: metadata and stats must be objects")
+    if _too_deep(metadata) or _too_deep(stats):
+        raise IntegrityError("malformed manifest: metadata nested too deeply")
     created_at = doc["created_at"]
     if not isinstance(created_at, (int, float)):
         raise IntegrityError("malformed manifest: bad created_at")

@@ -7,6 +7,12 @@ syscall: one thread reads and cuts a file in segments while ``workers`` threads 
 and compress the chunks it produced, so even a single large file keeps every core
 busy. A byte budget bounds the raw bytes in flight; memory does not grow with the
 size of the checkpoint.
+
+Every file is checked before and after it is read (the open file's stat against the
+scan's: size, mtime, ctime, inode). A file that changed while it was read is read
+again from its new stat, at most ``READ_ATTEMPTS`` times in all; what was read of it
+before is discarded (blobs already stored become orphans for gc). After that the save
+fails with SourceChangedError and commits nothing.
 """
 
 from __future__ import annotations
@@ -17,21 +23,26 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
 from ._budget import ByteBudget
-from ._chunking import BufferPool, ChunkParams, FileChunker, chunk_bytes
+from ._chunking import Batch, BufferPool, ChunkParams, FileChunker, chunk_bytes, open_nonblocking
 from ._codec import encode_blob, hash_bytes
+from ._errors import SourceChangedError
 from ._manifest import Entry, Manifest, Part
 from ._repository import Repository
-from ._scan import ScannedEntry
+from ._scan import ScannedEntry, local_error, rescan, stat_key
 from ._statcache import FilePart, StatCache
 from ._taskgroup import task_group
 
-__all__ = ["SaveOptions", "SavePipeline", "SaveResult"]
+__all__ = ["READ_ATTEMPTS", "SaveOptions", "SavePipeline", "SaveResult"]
+
+READ_ATTEMPTS = 3
+"""Times a file that keeps changing while it is read is read before save() gives up."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,10 @@ class SaveResult:
 @dataclass
 class _FileWork:
     entry: ScannedEntry
+    """The file as last stat-ed; once read, the stat its bytes were verified against."""
     parts: list[FilePart | None] = field(default_factory=list)
+    changed: bool = False
+    """It changed while it was read: the read is discarded and the file read again."""
 
 
 class SavePipeline:
@@ -122,17 +136,41 @@ class SavePipeline:
         """Store the files among ``scanned`` and describe every entry."""
         scan_ns = time.time_ns()
         work = [_FileWork(e) for e in scanned if e.type == "file"]
-        bundles: list[list[_FileWork]] = []
-        large: list[_FileWork] = []
-        pending: list[_FileWork] = []
-        pending_size = 0
+        todo: list[_FileWork] = []
         for w in work:
             cached = self.cache.lookup(w.entry.abspath, w.entry.stat_key) if self.cache else None
             if cached is not None:
                 w.parts = list(cached)
-            elif w.entry.size == 0:
-                pass
-            elif w.entry.size < self.options.small_file_limit:
+            elif w.entry.size > 0:
+                todo.append(w)
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            await self._read_files(todo)
+            changed = [w for w in todo if w.changed]
+            if not changed:
+                break
+            if attempt == READ_ATTEMPTS:
+                raise SourceChangedError(
+                    f"{changed[0].entry.abspath} kept changing while it was read "
+                    f"({READ_ATTEMPTS} attempts); nothing was saved"
+                )
+            await anyio.to_thread.run_sync(_rescan, changed)
+            todo = [w for w in changed if w.entry.size > 0]
+
+        if self.cache is not None:
+            # The stat each file's bytes were verified against, not merely the scan's.
+            for w in work:
+                self.cache.record(w.entry.abspath, w.entry.stat_key, _done(w.parts), scan_ns)
+        return self._result(scanned, {w.entry.path: w for w in work})
+
+    async def _read_files(self, todo: list[_FileWork]) -> None:
+        """Read, cut and store the files of ``todo``; those found changed while read
+        are marked ``changed`` (and their parts left empty)."""
+        bundles: list[list[_FileWork]] = []
+        large: list[_FileWork] = []
+        pending: list[_FileWork] = []
+        pending_size = 0
+        for w in todo:
+            if w.entry.size < self.options.small_file_limit:
                 pending.append(w)
                 pending_size += w.entry.size
                 if self._closes_bundle(w.entry.path, pending_size):
@@ -142,8 +180,7 @@ class SavePipeline:
                 large.append(w)
         if pending:
             bundles.append(pending)
-        self.read_bytes = sum(w.entry.size for bundle in bundles for w in bundle)
-        self.read_bytes += sum(w.entry.size for w in large)
+        self.read_bytes += sum(w.entry.size for w in todo)
 
         async with task_group() as tg:
             for bundle in bundles:
@@ -152,11 +189,6 @@ class SavePipeline:
             for w in large:
                 await self._readers.acquire()
                 tg.start_soon(self._save_large, tg, w)
-
-        if self.cache is not None:
-            for w in work:
-                self.cache.record(w.entry.abspath, w.entry.stat_key, _done(w.parts), scan_ns)
-        return self._result(scanned, {w.entry.path: _done(w.parts) for w in work})
 
     async def save_bytes(self, name: str, data: bytes) -> SaveResult:
         entry = ScannedEntry(name, "", "file", 0o644, len(data))
@@ -167,7 +199,7 @@ class SavePipeline:
             for batch in _group(chunks, self.options.read_segment):
                 granted = await self._budget.acquire(sum(len(c) for c in batch))
                 self._start_batch(tg, w.parts, batch, granted)
-        return self._result([entry], {name: _done(w.parts)})
+        return self._result([entry], {name: w})
 
     # -- work units ------------------------------------------------------------------------
 
@@ -182,26 +214,42 @@ class SavePipeline:
 
     async def _save_bundle(self, bundle: list[_FileWork], granted: int) -> None:
         try:
-            (blob_id, raw_size, blob), extents = await anyio.to_thread.run_sync(
+            encoded, extents = await anyio.to_thread.run_sync(
                 self._encode_bundle, bundle, limiter=self._cpu
             )
-            for w, (offset, length) in zip(bundle, extents, strict=True):
-                w.parts = [(blob_id, raw_size, offset, length)] if length else []
+            if encoded is None:  # every file of the bundle changed while it was read
+                for w in bundle:
+                    w.changed = True
+                return
+            blob_id, raw_size, blob = encoded
+            for w, extent in zip(bundle, extents, strict=True):
+                if extent is None:
+                    w.changed = True
+                else:
+                    w.parts = [(blob_id, raw_size, *extent)]
             if blob is not None:
                 await self._upload(blob_id, raw_size, blob)
         finally:
             self._budget.release(granted)
 
-    def _encode_bundle(self, bundle: list[_FileWork]) -> tuple[_Encoded, list[tuple[int, int]]]:
+    def _encode_bundle(
+        self, bundle: list[_FileWork]
+    ) -> tuple[_Encoded | None, list[tuple[int, int] | None]]:
+        """Read the bundle's files and encode the consistent ones together; a file that
+        changed while read gets no extent and stays out of the blob."""
         pieces: list[bytes] = []
-        extents: list[tuple[int, int]] = []
+        extents: list[tuple[int, int] | None] = []
         offset = 0
         for w in bundle:
-            with open(w.entry.abspath, "rb") as f:
-                data = f.read()
+            data = _read_small(w.entry)
+            if data is None:
+                extents.append(None)
+                continue
             pieces.append(data)
             extents.append((offset, len(data)))
             offset += len(data)
+        if not pieces:
+            return None, extents
         return self._encode(b"".join(pieces)), extents
 
     async def _save_large(self, tg: TaskGroup, w: _FileWork) -> None:
@@ -213,20 +261,52 @@ class SavePipeline:
             # them after the change.
             guide = self._guides.get(w.entry.path, [])
             chunker = FileChunker(w.entry.abspath, self.options.chunks, self._pool, guide)
+            # Batches fill this list; it becomes the file's only once the whole read
+            # was verified, so a torn read leaves nothing behind in the manifest.
+            parts: list[FilePart | None] = []
             try:
                 while not chunker.done:
                     # Budget first: the read itself takes a pool buffer of about a segment.
                     granted = await self._budget.acquire(self._pool.size)
                     try:
-                        batch = await anyio.to_thread.run_sync(chunker.next_batch)
+                        batch = await anyio.to_thread.run_sync(self._read_batch, chunker, w.entry)
                     except BaseException:
                         self._budget.release(granted)
                         raise
-                    self._start_batch(tg, w.parts, batch.chunks, granted, batch.buffer, batch.ids)
+                    if batch is None:
+                        self._budget.release(granted)
+                        w.changed = True
+                        return
+                    self._start_batch(tg, parts, batch.chunks, granted, batch.buffer, batch.ids)
             finally:
                 chunker.close()
+            w.parts = parts
         finally:
             self._readers.release()
+
+    def _read_batch(self, chunker: FileChunker, entry: ScannedEntry) -> Batch | None:
+        """The chunker's next batch; None (the file closed, the batch released) as soon
+        as the open file is seen to differ from ``entry``'s stat: before the first
+        read, by reading past its size, or after the last read."""
+        try:
+            batch = chunker.next_batch()
+        except FileNotFoundError as exc:
+            raise SourceChangedError(f"{entry.abspath} vanished while saving") from exc
+        except OSError as exc:
+            raise local_error("cannot read", entry.abspath, exc) from exc
+        before = chunker.stat_before
+        same = before is not None and stat_key(before) == entry.stat_key
+        same = same and chunker.bytes_read <= entry.size
+        if same and chunker.done:
+            after = chunker.stat_after
+            same = after is not None and stat_key(after) == entry.stat_key
+            same = same and chunker.bytes_read == entry.size
+        if same:
+            return batch
+        chunker.close()
+        if batch.buffer is not None:
+            self._pool.release(batch.buffer)
+        return None
 
     def _start_batch(
         self,
@@ -305,40 +385,79 @@ class SavePipeline:
 
     # -- result ----------------------------------------------------------------------------
 
-    def _result(
-        self, scanned: Sequence[ScannedEntry], parts: dict[str, list[FilePart]]
-    ) -> SaveResult:
+    def _result(self, scanned: Sequence[ScannedEntry], files: dict[str, _FileWork]) -> SaveResult:
         index: dict[str, int] = {}
         blobs: list[tuple[str, int]] = []
         entries: list[Entry] = []
         total = 0
-        files = 0
+        count = 0
         for e in scanned:
             if e.type != "file":
                 entries.append(Entry(e.path, e.type, e.mode, target=e.target))
                 continue
+            w = files[e.path]
             refs: list[Part] = []
-            for blob_id, blob_size, offset, length in parts[e.path]:
+            for blob_id, blob_size, offset, length in _done(w.parts):
                 i = index.get(blob_id)
                 if i is None:
                     i = index[blob_id] = len(blobs)
                     blobs.append((blob_id, blob_size))
                 refs.append((i, offset, length))
             size = sum(length for _, _, length in refs)
+            # The file as read (a file read again after a change has a newer stat).
             # Bytes saved from memory (no abspath) have no modification time.
-            mtime_ns = e.stat_key[1] if e.abspath else None
+            mtime_ns = w.entry.stat_key[1] if w.entry.abspath else None
             entries.append(
-                Entry(e.path, "file", e.mode, size=size, parts=tuple(refs), mtime_ns=mtime_ns)
+                Entry(e.path, "file", w.entry.mode, size=size, parts=tuple(refs), mtime_ns=mtime_ns)
             )
             total += size
-            files += 1
+            count += 1
         return SaveResult(
-            entries, blobs, files, total, self.new_bytes, self.uploaded_bytes, self.read_bytes
+            entries, blobs, count, total, self.new_bytes, self.uploaded_bytes, self.read_bytes
         )
 
 
 _Encoded = tuple[str, int, "bytes | None"]
 """(blob id, raw size, encoded blob still to upload or None)."""
+
+
+def _rescan(changed: list[_FileWork]) -> None:
+    """Stat the changed files afresh, ready to be read again."""
+    for w in changed:
+        w.entry = rescan(w.entry)
+        w.parts = []
+        w.changed = False
+
+
+def _read_small(entry: ScannedEntry) -> bytes | None:
+    """A small file's bytes, if the open file's stat equals ``entry``'s before and after
+    the read and the read found exactly its size; None if it changed."""
+    try:
+        with open(entry.abspath, "rb", buffering=0, opener=open_nonblocking) as f:
+            if stat_key(os.fstat(f.fileno())) != entry.stat_key:
+                return None
+            # One byte more than expected tells a file that grew from one that did not.
+            data = _read_upto(f, entry.size + 1)
+            if len(data) != entry.size or stat_key(os.fstat(f.fileno())) != entry.stat_key:
+                return None
+            return data
+    except FileNotFoundError as exc:
+        raise SourceChangedError(f"{entry.abspath} vanished while saving") from exc
+    except OSError as exc:
+        raise local_error("cannot read", entry.abspath, exc) from exc
+
+
+def _read_upto(f: BinaryIO, limit: int) -> bytes:
+    """Up to ``limit`` bytes from ``f``, fewer only at its end."""
+    pieces: list[bytes] = []
+    left = limit
+    while left > 0:
+        piece = f.read(left)
+        if not piece:
+            break
+        pieces.append(piece)
+        left -= len(piece)
+    return b"".join(pieces)
 
 
 def _group(chunks: list[memoryview], size: int) -> list[list[memoryview]]:

@@ -7,11 +7,20 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ._errors import SourceNotFoundError, UsageError
+from ._errors import LocalFileError, SourceChangedError, SourceNotFoundError, UsageError
 from ._manifest import Entry, Manifest
 from ._types import EntryType
 
-__all__ = ["ScannedEntry", "StatKey", "present_files", "scan_file", "scan_tree", "stat_key"]
+__all__ = [
+    "ScannedEntry",
+    "StatKey",
+    "local_error",
+    "present_files",
+    "rescan",
+    "scan_file",
+    "scan_tree",
+    "stat_key",
+]
 
 StatKey = tuple[int, int, int, int]
 """(size, mtime_ns, ctime_ns, inode): a file whose StatKey is unchanged was not rewritten."""
@@ -37,6 +46,8 @@ def scan_tree(root: str) -> tuple[list[ScannedEntry], list[str]]:
         st = os.stat(root)
     except FileNotFoundError as exc:
         raise SourceNotFoundError(f"no such directory: {root}") from exc
+    except OSError as exc:
+        raise local_error("cannot read", root, exc) from exc
     if not stat.S_ISDIR(st.st_mode):
         raise UsageError(f"not a directory: {root}")
     entries: list[ScannedEntry] = []
@@ -44,11 +55,21 @@ def scan_tree(root: str) -> tuple[list[ScannedEntry], list[str]]:
     pending = [("", root)]
     while pending:
         rel_dir, abs_dir = pending.pop()
-        with os.scandir(abs_dir) as it:
-            children = sorted(it, key=lambda e: e.name)
+        try:
+            with os.scandir(abs_dir) as it:
+                children = sorted(it, key=lambda e: e.name)
+        except FileNotFoundError as exc:
+            raise SourceChangedError(f"directory {abs_dir} vanished while saving") from exc
+        except OSError as exc:
+            raise local_error("cannot list directory", abs_dir, exc) from exc
         for child in children:
             rel = f"{rel_dir}{_name(child.name, abs_dir)}"
-            entry = _entry(rel, child.path, child.stat(follow_symlinks=False))
+            try:
+                entry = _entry(rel, child.path, child.stat(follow_symlinks=False))
+            except FileNotFoundError:
+                continue  # deleted since the listing: as if the scan came a moment later
+            except OSError as exc:
+                raise local_error("cannot read", child.path, exc) from exc
             if entry is None:
                 skipped.append(rel)
                 continue
@@ -65,10 +86,36 @@ def scan_file(path: str) -> ScannedEntry:
         st = os.stat(path)
     except FileNotFoundError as exc:
         raise SourceNotFoundError(f"no such file: {path}") from exc
+    except OSError as exc:
+        raise local_error("cannot read", path, exc) from exc
     entry = _entry(_name(os.path.basename(path), path), path, st)
     if entry is None or entry.type != "file":
         raise UsageError(f"not a regular file or directory: {path}")
     return entry
+
+
+def rescan(entry: ScannedEntry) -> ScannedEntry:
+    """``entry`` as it is now, for a file read again after it changed while being read.
+    SourceChangedError if it is gone or no longer a regular file."""
+    try:
+        st = os.lstat(entry.abspath)
+    except FileNotFoundError as exc:
+        raise SourceChangedError(f"{entry.abspath} vanished while saving") from exc
+    except OSError as exc:
+        raise local_error("cannot read", entry.abspath, exc) from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise SourceChangedError(f"{entry.abspath} stopped being a regular file while saving")
+    return ScannedEntry(
+        entry.path, entry.abspath, "file", stat.S_IMODE(st.st_mode), st.st_size, stat_key(st)
+    )
+
+
+def local_error(action: str, path: str, exc: OSError) -> LocalFileError:
+    """A LocalFileError naming ``path`` for an OS error on this machine's files (raise it
+    ``from exc``): permission denied, too many symlinks, a name too long, no space."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    # One argument: OSError's own str() would print "[Errno ...]" forms instead.
+    return LocalFileError(f"{action} {path}: {reason}")
 
 
 def _name(name: str, where: str) -> str:

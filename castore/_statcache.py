@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ from ._manifest import Manifest
 from ._scan import StatKey, present_files, stat_key
 
 __all__ = ["RECENT_NS", "FilePart", "StatCache"]
+
+_log = logging.getLogger("castore")
 
 RECENT_NS = 2_000_000_000
 _VERSION = 1
@@ -123,12 +126,18 @@ class StatCache:
         merged.update(self._fresh)
         doc = {"version": _VERSION, "generation": self.generation, "entries": merged}
         data = zstandard.ZstdCompressor(level=3).compress(json.dumps(doc).encode())
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.urandom(4).hex()}")
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(data)
             os.replace(tmp, self.path)
-        except OSError:
-            # The cache is an optimisation: failing to write it must not fail a save.
+        except OSError as exc:
+            # The cache is an optimisation, written after the manifest committed: failing
+            # to write it (no space, no permission) must not fail a save that succeeded.
+            _log.warning(
+                "castore: stat cache not written to %s (%s); the next save reads every file again",
+                self.path,
+                exc.strerror or exc,
+            )
             with contextlib.suppress(OSError):
                 tmp.unlink()

@@ -122,6 +122,10 @@ class CheckpointStore:
 
         Returns once the checkpoint is committed and durable. If the save fails or is
         cancelled at any point, no checkpoint appears and earlier ones are untouched.
+        Each file is stored as one consistent version: a file that changes while it is
+        read is read again, and after three tries SourceChangedError names it (see
+        docs/design.md for what stat can and cannot detect). A file or directory that
+        cannot be read raises LocalFileError.
         """
         started = time.perf_counter()
         meta = dict(metadata or {})
