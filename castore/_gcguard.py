@@ -13,6 +13,7 @@ no cache, which uploads the blob anew. The commit must follow within
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import anyio
@@ -25,12 +26,23 @@ from ._taskgroup import for_each
 
 __all__ = ["CLAIM_TTL", "COMMIT_WINDOW", "SWEEP_TTL", "confirm_commit", "guard_commit"]
 
-COMMIT_WINDOW = 60.0
+def _time_scale() -> float:
+    """``CASTORE_TEST_GC_TIME_SCALE`` multiplies the protocol's time constants below.
+    It exists for stress tests that run whole gc cycles in seconds; leave it unset."""
+    raw = os.environ.get("CASTORE_TEST_GC_TIME_SCALE", "")
+    try:
+        scale = float(raw) if raw else 1.0
+    except ValueError:
+        return 1.0
+    return scale if 0 < scale <= 1 else 1.0
+
+
+COMMIT_WINDOW = 60.0 * _time_scale()
 """A writer commits within this many seconds of its last check; gc with a grace
 below twice this is not safe against concurrent writers."""
-SWEEP_TTL = 600.0
+SWEEP_TTL = 600.0 * _time_scale()
 """A sweep stops deleting after half this; a marker older than this is stale."""
-CLAIM_TTL = 1800.0
+CLAIM_TTL = 1800.0 * _time_scale()
 """A claim older than this was left by a writer that died; gc ignores it."""
 
 
