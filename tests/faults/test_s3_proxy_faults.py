@@ -1,0 +1,205 @@
+"""Network faults between castore and a real S3 server (SeaweedFS), injected by a proxy.
+
+tests/test_s3_faults.py injects failures inside the client (FaultBackend); here they
+happen on the wire, where obstore and its HTTP stack meet them first: connections reset
+before an answer, 500/503 with S3 error bodies, answers held back, writes whose answer is
+lost, and a 403 from some request on. Whatever happens, a save either commits a complete
+checkpoint or nothing, a load either restores the newest checkpoint bit for bit or
+leaves the destination as it was, retries stay within the budget (counted on the wire),
+and the store verifies clean afterwards, checked around the proxy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest_s3 import (
+    ATTEMPTS,
+    WIRE_TRIES,
+    assert_verified,
+    direct,
+    make_tree,
+    manifest_keys,
+    proxied,
+    proxy_fixture,  # noqa: F401  (the fixture "proxy")
+)
+from s3proxy import FaultProxy, Rule, Stats, delay, deny, drop, error, reset
+from s3server import S3Server
+from treeutil import snapshot
+
+import castore
+
+pytestmark = pytest.mark.anyio
+
+BLOB_PUT = {"method": "PUT", "path_contains": "/blobs/"}
+BLOB_GET = {"method": "GET", "path_contains": "/blobs/"}
+MANIFEST_PUT = {"method": "PUT", "path_contains": "/manifests/"}
+MANIFEST_GET = {"method": "GET", "path_contains": "/manifests/"}
+LISTING = {"method": "GET", "path_contains": "list-type=2"}
+
+
+def _assert_bounded(stats: Stats) -> None:
+    """No object was asked for more often than the retry budget allows."""
+    worst = max(stats.per_path.values(), default=0)
+    assert worst <= ATTEMPTS * WIRE_TRIES, stats.per_path.most_common(3)
+
+
+async def _baseline(server: S3Server, fp: FaultProxy, src: Path, cache: Path) -> int:
+    """Requests a fault-free save of ``src`` into a fresh store makes."""
+    fp.reset_stats()
+    await proxied(server, fp, server.unique_url(), cache).save(src)
+    return fp.reset_stats().requests
+
+
+# --- saves --------------------------------------------------------------------------------
+
+
+TRANSIENT_SAVE: dict[str, Callable[[], list[Rule]]] = {
+    "resets": lambda: [
+        reset(first=2, times=3, **BLOB_PUT),
+        reset(**MANIFEST_PUT),
+        reset(**LISTING),
+    ],
+    "5xx": lambda: [
+        error(503, times=2, **BLOB_PUT),
+        error(500, first=4, times=2, **BLOB_PUT),
+        error(503, **LISTING),
+        error(500, **MANIFEST_PUT),
+    ],
+    "lost answers": lambda: [drop(first=2, times=2, **BLOB_PUT), drop(**MANIFEST_PUT)],
+}
+
+
+@pytest.mark.parametrize("kind", TRANSIENT_SAVE)
+async def test_transient_faults_during_save_are_retried_within_budget(
+    kind: str, s3_server: S3Server, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    src = make_tree(tmp_path / "src", 1)
+    baseline = await _baseline(s3_server, proxy, src, tmp_path / "c0")
+    url = s3_server.unique_url()
+    rules = [proxy.add(rule) for rule in TRANSIENT_SAVE[kind]()]
+
+    info = await proxied(s3_server, proxy, url, tmp_path / "c1").save(src)
+
+    stats = proxy.snapshot()
+    assert all(r.fired == r.times for r in rules), [(r.action, r.fired) for r in rules]
+    assert stats.faults == sum(r.fired for r in rules)
+    # Each fault costs at most one more try, plus one read-back when a put's answer
+    # was lost; and never more than the budget allows for every operation.
+    assert baseline < stats.requests <= baseline + 2 * stats.faults
+    assert stats.requests <= ATTEMPTS * baseline
+    assert stats.repeats >= sum(r.fired for r in rules if r.path_contains != "list-type=2")
+    _assert_bounded(stats)
+    # Exactly one checkpoint, complete: it loads bit for bit without the proxy.
+    assert len(await manifest_keys(s3_server, url)) == 1
+    judge = direct(s3_server, url, tmp_path / "c2")
+    assert [c.id for c in await judge.list()] == [info.id]
+    assert snapshot(await judge.load(tmp_path / "out")) == snapshot(src)  # type: ignore[arg-type]
+    await assert_verified(s3_server, url)
+
+
+LASTING_SAVE: dict[str, Callable[[], list[Rule]]] = {
+    "resets": lambda: [reset(first=3, times=None, **BLOB_PUT)],
+    "503": lambda: [error(503, times=None, **BLOB_PUT)],
+    "manifest 500": lambda: [error(500, times=None, **MANIFEST_PUT)],
+}
+
+
+@pytest.mark.parametrize("kind", LASTING_SAVE)
+async def test_faults_outlasting_the_budget_fail_the_save_and_commit_nothing(
+    kind: str, s3_server: S3Server, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    url = s3_server.unique_url()
+    store = proxied(s3_server, proxy, url, tmp_path / "c1")
+    src = make_tree(tmp_path / "src", 1)
+    first = await store.save(src)
+    before = snapshot(src)
+    committed = await manifest_keys(s3_server, url)
+    make_tree(src, 2)  # the next step: every big file changed
+    proxy.reset_stats()
+    for rule in LASTING_SAVE[kind]():
+        proxy.add(rule)
+
+    with pytest.raises(castore.StorageUnavailableError, match=f"gave up after {ATTEMPTS}"):
+        await store.save(src)
+
+    stats = proxy.snapshot()
+    assert stats.faults > 0
+    _assert_bounded(stats)
+    assert await manifest_keys(s3_server, url) == committed
+    judge = direct(s3_server, url, tmp_path / "c2")
+    assert [c.id for c in await judge.list()] == [first.id]
+    assert snapshot(await judge.load(tmp_path / "prev")) == before  # type: ignore[arg-type]
+    await assert_verified(s3_server, url)
+    # The faults over, the same store saves the new step.
+    proxy.clear()
+    second = await store.save(src)
+    assert second.parent == first.id
+    assert snapshot(await judge.load(tmp_path / "next")) == snapshot(src)  # type: ignore[arg-type]
+    await assert_verified(s3_server, url)
+
+
+async def test_slow_responses_give_a_correct_checkpoint(
+    s3_server: S3Server, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    url = s3_server.unique_url()
+    store = proxied(s3_server, proxy, url, tmp_path / "c1")
+    src = make_tree(tmp_path / "src", 1)
+    rules = [
+        proxy.add(delay(1.0, **BLOB_PUT)),
+        proxy.add(delay(0.2, first=2, times=3, **BLOB_PUT)),
+        proxy.add(delay(0.5, **MANIFEST_PUT)),
+        proxy.add(delay(0.3, times=3, **BLOB_GET)),
+        proxy.add(delay(0.4, **MANIFEST_GET)),
+    ]
+    info = await store.save(src)
+    saving = proxy.reset_stats()
+    out = await proxied(s3_server, proxy, url, tmp_path / "c2").load(tmp_path / "out")
+    assert all(r.fired == r.times for r in rules)
+    # Late is not failed: nothing was tried twice.
+    assert saving.repeats == proxy.snapshot().repeats == 0
+    assert snapshot(out) == snapshot(src)  # type: ignore[arg-type]
+    assert [c.id for c in await direct(s3_server, url, tmp_path / "c3").list()] == [info.id]
+    await assert_verified(s3_server, url)
+
+
+@pytest.mark.parametrize("where", [0.0, 0.5, 1.0], ids=["first", "halfway", "last"])
+async def test_403_from_some_request_on_fails_the_save_at_once_and_commits_nothing(
+    where: float, s3_server: S3Server, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    url = s3_server.unique_url()
+    src = make_tree(tmp_path / "src", 1)
+    store = proxied(s3_server, proxy, url, tmp_path / "c1")
+    twin = proxied(s3_server, proxy, s3_server.unique_url(), tmp_path / "c0")
+    first = await store.save(src)
+    await twin.save(src)
+    before = snapshot(src)
+    committed = await manifest_keys(s3_server, url)
+    make_tree(src, 2)
+    # The requests of the next save, from a twin with the same history.
+    proxy.reset_stats()
+    await twin.save(src)
+    baseline = proxy.reset_stats()
+    blob_puts = sum(n for (m, p), n in baseline.per_path.items() if m == "PUT" and "/blobs/" in p)
+    # The policy changes under the running job: from the Nth request on, every
+    # request is refused. "first" refuses the first listing, "last" the manifest.
+    proxy.add(deny(first=max(1, round(baseline.requests * where))))
+
+    with pytest.raises(castore.StoragePermissionError):
+        await store.save(src)
+
+    stats = proxy.snapshot()
+    refused = {path: n for (action, _, path), n in stats.faulted_paths.items() if action == "403"}
+    # Not retried: no object was refused twice, and only requests in flight when the
+    # first refusal came back were refused at all (at most every blob and the manifest).
+    assert refused and max(refused.values()) == 1
+    assert stats.actions["403"] <= blob_puts + 1
+    if where == 1.0:
+        assert stats.order[-1].startswith("PUT ") and "/manifests/" in stats.order[-1]
+    assert await manifest_keys(s3_server, url) == committed
+    judge = direct(s3_server, url, tmp_path / "c2")
+    assert [c.id for c in await judge.list()] == [first.id]
+    assert snapshot(await judge.load(tmp_path / "prev")) == before  # type: ignore[arg-type]
+    await assert_verified(s3_server, url)
