@@ -24,7 +24,15 @@ ATTEMPTS = 3
 WIRE_TRIES = 2
 """HTTP requests per castore attempt at most: obstore retries once itself
 (``max_retries=1`` in castore/_backends/_open.py)."""
-MiB = 1024 * 1024
+KiB = 1024
+SMALL = {
+    "chunk_min_size": 16 * KiB,
+    "chunk_avg_size": 64 * KiB,
+    "chunk_max_size": 256 * KiB,
+    "small_file_limit": 32 * KiB,
+    "bundle_size": 64 * KiB,
+}
+"""Small chunks and bundles: many objects from little data, so tests stay quick."""
 
 # Set to a file path to collect every test's proxy counts there, one JSON line per test
 # (the figures of docs/reliability.md come from this).
@@ -53,13 +61,13 @@ def proxied(
     server: S3Server, fp: FaultProxy, url: str, cache: Path, **options: Any
 ) -> castore.CheckpointStore:
     """A store that reaches the server through the proxy."""
-    merged = {**server.options, "endpoint": fp.endpoint, "retries": ATTEMPTS, **options}
+    merged = {**server.options, **SMALL, "endpoint": fp.endpoint, "retries": ATTEMPTS, **options}
     return castore.CheckpointStore(url, key="k", cache_dir=cache, **merged)
 
 
 def direct(server: S3Server, url: str, cache: Path) -> castore.CheckpointStore:
     """A store that reaches the server directly: the judge of what is committed."""
-    options = {**server.options, "stat_cache": False}
+    options = {**server.options, **SMALL, "stat_cache": False}
     return castore.CheckpointStore(url, key="k", cache_dir=cache, **options)
 
 
@@ -77,8 +85,8 @@ async def assert_verified(server: S3Server, url: str) -> None:
     assert report.blobs_rehashed == report.blobs_checked
 
 
-def make_tree(root: Path, seed: int, *, files: int = 4, size: int = MiB + 4321) -> Path:
-    """Random large files (several chunks) and small ones (bundled)."""
+def make_tree(root: Path, seed: int, *, files: int = 3, size: int = 200 * KiB + 4321) -> Path:
+    """Random large files (a few chunks each) and small ones (bundled together)."""
     root.mkdir(parents=True, exist_ok=True)
     for i in range(files):
         (root / f"shard-{i}.bin").write_bytes(os.urandom(size))

@@ -123,6 +123,8 @@ class Stats:
     """"pass", "reset", "delay" and the status of each error answered ("503", "403"…)."""
     per_path: Counter[tuple[str, str]] = field(default_factory=Counter)
     """Requests per (method, path without query): retries of one object show here."""
+    per_target: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """Requests per (method, path and query): retries of one listing show here."""
     faulted_paths: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     """(action, method, path) of every faulted request."""
     order: list[str] = field(default_factory=list)
@@ -132,6 +134,7 @@ class Stats:
         self.requests += 1
         self.methods[method] += 1
         self.per_path[(method, path)] += 1
+        self.per_target[(method, target)] += 1
         self.order.append(f"{method} {target}")
         self.actions[action] += 1
         if action != "pass":
@@ -143,6 +146,7 @@ class Stats:
             Counter(self.methods),
             Counter(self.actions),
             Counter(self.per_path),
+            Counter(self.per_target),
             Counter(self.faulted_paths),
             list(self.order),
         )
