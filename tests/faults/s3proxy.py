@@ -52,8 +52,10 @@ class Rule:
     A rule matches requests whose method is ``method`` (None: any) and whose path and
     query, URL-decoded, contain ``path_contains``. It counts the requests it matches and
     fires on the ``first``-th and the ``times - 1`` after it (``times`` None: on every
-    one from the ``first``-th on). When several rules would fire on one request the
-    earliest added wins; every matching rule still counts the request.
+    one from the ``first``-th on). With ``each``, it counts every object (path and
+    query) apart: ``times=2, each=True`` fails the first two tries of every object. When
+    several rules would fire on one request the earliest added wins; every matching rule
+    still counts the request.
     """
 
     action: Action
@@ -61,19 +63,23 @@ class Rule:
     path_contains: str = ""
     first: int = 1
     times: int | None = 1
+    each: bool = False
     status: int = 503
     seconds: float = 0.0
     matched: int = 0
     fired: int = 0
+    seen: Counter[str] = field(default_factory=Counter)
 
-    def matches(self, method: str, path: str) -> bool:
-        return (self.method is None or self.method == method) and self.path_contains in path
+    def matches(self, method: str, target: str) -> bool:
+        return (self.method is None or self.method == method) and self.path_contains in target
 
-    def due(self) -> bool:
-        """Whether the request just counted is in this rule's window."""
-        if self.matched < self.first:
-            return False
-        return self.times is None or self.matched < self.first + self.times
+    def count(self, target: str) -> bool:
+        """Count a matching request; whether it falls in this rule's window."""
+        self.matched += 1
+        if self.each:
+            self.seen[target] += 1
+        n = self.seen[target] if self.each else self.matched
+        return n >= self.first and (self.times is None or n < self.first + self.times)
 
 
 def reset(**match: object) -> Rule:
@@ -301,11 +307,10 @@ class FaultProxy:
         with self._lock:
             chosen: Rule | None = None
             for rule in self.rules:
-                if not rule.matches(request.method, request.target):
-                    continue
-                rule.matched += 1
-                if chosen is None and rule.due():
-                    chosen = rule
+                if rule.matches(request.method, request.target):
+                    due = rule.count(request.target)
+                    if chosen is None and due:
+                        chosen = rule
             if chosen is None:
                 action = "pass"
             else:

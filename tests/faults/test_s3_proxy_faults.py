@@ -63,19 +63,20 @@ async def _baseline(server: S3Server, fp: FaultProxy, src: Path, cache: Path) ->
 # --- saves --------------------------------------------------------------------------------
 
 
+# Each object fails more tries in a row than obstore's own retry absorbs (a PUT that
+# meets a reset is not retried by obstore at all), so only castore's retry gets it through.
 TRANSIENT_SAVE: dict[str, Callable[[], list[Rule]]] = {
     "resets": lambda: [
-        reset(first=2, times=3, **BLOB_PUT),
-        reset(**MANIFEST_PUT),
-        reset(**LISTING),
+        reset(times=2, each=True, **BLOB_PUT),
+        reset(times=2, **MANIFEST_PUT),
+        reset(times=3, each=True, **LISTING),
     ],
     "5xx": lambda: [
-        error(503, times=2, **BLOB_PUT),
-        error(500, first=4, times=2, **BLOB_PUT),
-        error(503, **LISTING),
-        error(500, **MANIFEST_PUT),
+        error(503, times=3, each=True, **BLOB_PUT),
+        error(500, times=3, **MANIFEST_PUT),
+        error(503, times=3, each=True, **LISTING),
     ],
-    "lost answers": lambda: [drop(first=2, times=2, **BLOB_PUT), drop(**MANIFEST_PUT)],
+    "lost answers": lambda: [drop(times=2, each=True, **BLOB_PUT), drop(times=2, **MANIFEST_PUT)],
 }
 
 
@@ -90,14 +91,15 @@ async def test_transient_faults_during_save_are_retried_within_budget(
 
     info = await proxied(s3_server, proxy, url, tmp_path / "c1").save(src)
 
+    # A fresh store: every byte is new, also those whose put answer was lost.
+    assert info.new_bytes == info.total_bytes
     stats = proxy.snapshot()
-    assert all(r.fired == r.times for r in rules), [(r.action, r.fired) for r in rules]
+    assert all(r.fired == r.times * (len(r.seen) or 1) for r in rules)  # type: ignore[operator]
     assert stats.faults == sum(r.fired for r in rules)
-    # Each fault costs at most one more try, plus one read-back when a put's answer
-    # was lost; and never more than the budget allows for every operation.
-    assert baseline < stats.requests <= baseline + 2 * stats.faults
-    assert stats.requests <= ATTEMPTS * baseline
-    assert stats.repeats >= sum(r.fired for r in rules if r.path_contains != "list-type=2")
+    # Each fault costs one more try, plus one read-back when a put's answer was lost;
+    # and never more than the budget allows for every operation.
+    assert baseline + stats.faults <= stats.requests <= baseline + 2 * stats.faults
+    assert stats.requests <= ATTEMPTS * WIRE_TRIES * baseline
     _assert_bounded(stats)
     # Exactly one checkpoint, complete: it loads bit for bit without the proxy.
     assert len(await manifest_keys(s3_server, url)) == 1
@@ -215,10 +217,14 @@ async def test_403_from_some_request_on_fails_the_save_at_once_and_commits_nothi
 # --- loads --------------------------------------------------------------------------------
 
 
+# obstore retries a failed GET once itself: three failures in a row need castore's retry.
 LOAD_FAULTS: dict[str, tuple[Callable[[], list[Rule]], type[castore.CastoreError] | None]] = {
-    "resets": (lambda: [reset(first=2, times=2, **BLOB_GET), reset(**LISTING)], None),
-    "5xx": (lambda: [error(503, times=2, **BLOB_GET), error(500, **MANIFEST_GET)], None),
-    "lost answers": (lambda: [drop(times=3, **BLOB_GET)], None),
+    "resets": (lambda: [reset(times=3, each=True, **BLOB_GET), reset(times=3, **LISTING)], None),
+    "5xx": (
+        lambda: [error(503, times=3, each=True, **BLOB_GET), error(500, times=3, **MANIFEST_GET)],
+        None,
+    ),
+    "lost answers": (lambda: [drop(times=3, each=True, **BLOB_GET)], None),
     "slow": (lambda: [delay(0.3, times=3, **BLOB_GET), delay(0.6, **MANIFEST_GET)], None),
     "resets outlasting": (
         lambda: [reset(first=3, times=None, **BLOB_GET)],
@@ -276,7 +282,7 @@ async def test_faults_during_a_load_restore_bit_exact_or_leave_the_destination(
     _assert_bounded(stats)
     if expected is None:
         assert failure is None
-        assert all(r.fired == r.times for r in rules)
+        assert all(r.fired == r.times * (len(r.seen) or 1) for r in rules)  # type: ignore[operator]
     else:
         assert isinstance(failure, expected)
     if expected is castore.StoragePermissionError:
