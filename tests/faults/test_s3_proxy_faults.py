@@ -11,9 +11,13 @@ and the store verifies clean afterwards, checked around the proxy.
 
 from __future__ import annotations
 
+import http.client
+import http.server
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from conftest_s3 import (
@@ -58,6 +62,86 @@ async def _baseline(server: S3Server, fp: FaultProxy, src: Path, cache: Path) ->
     fp.reset_stats()
     await proxied(server, fp, server.unique_url(), cache).save(src)
     return fp.reset_stats().requests
+
+
+# --- the proxy itself ---------------------------------------------------------------------
+
+
+class _Upstream(http.server.BaseHTTPRequestHandler):
+    """Echoes request bodies in a chunked answer; serves a large GET by length."""
+
+    protocol_version = "HTTP/1.1"
+    connections: ClassVar[set[int]] = set()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding") == "chunked":
+            data = b""
+            while size := int(self.rfile.readline().split(b";")[0], 16):
+                data += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+            return data
+        return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+    def do_PUT(self) -> None:
+        self.connections.add(self.client_address[1])
+        answer = b"got %d: %s" % (len(body := self._body()), body)
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for piece in (answer[:5], answer[5:]):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        self.wfile.write(b"0\r\n\r\n")
+
+    def do_GET(self) -> None:
+        self.connections.add(self.client_address[1])
+        self.send_response(200)
+        self.send_header("Content-Length", "300000")
+        self.end_headers()
+        self.wfile.write(b"x" * 300_000)
+
+    def do_HEAD(self) -> None:
+        self.connections.add(self.client_address[1])
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+
+
+def test_proxy_keeps_http_framing_and_connections_around_faults() -> None:
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        with FaultProxy(upstream.server_address[1]) as fp:
+            client = http.client.HTTPConnection("127.0.0.1", fp.port, timeout=60)
+            client.request("PUT", "/a", body=iter([b"abc", b"defg"]), encode_chunked=True)
+            assert client.getresponse().read() == b"got 7: abcdefg"
+            client.request("GET", "/b")
+            assert client.getresponse().read() == b"x" * 300_000
+            client.request("HEAD", "/c")
+            head = client.getresponse()
+            assert (head.getheader("Content-Length"), head.read()) == ("5", b"")
+            # An injected error swallows the request's body and keeps the connection.
+            fp.add(error(503, method="PUT"))
+            client.request("PUT", "/d", body=b"z" * 200_000)
+            refused = client.getresponse()
+            assert refused.status == 503 and b"<Code>SlowDown</Code>" in refused.read()
+            client.request("PUT", "/e", body=b"12345")
+            assert client.getresponse().read() == b"got 5: 12345"
+            assert len(_Upstream.connections) == 1  # all of it over one kept-alive connection
+            fp.add(reset(method="GET"))
+            client.request("GET", "/f")
+            with pytest.raises((ConnectionError, http.client.RemoteDisconnected)):
+                client.getresponse()
+            client.close()
+            stats = fp.snapshot()
+            assert stats.methods == {"PUT": 3, "GET": 2, "HEAD": 1}
+            assert stats.actions == {"pass": 4, "503": 1, "reset": 1}
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
 
 
 # --- saves --------------------------------------------------------------------------------
