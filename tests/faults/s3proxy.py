@@ -165,8 +165,13 @@ class Stats:
     @property
     def repeats(self) -> int:
         """Requests for an object beyond the first (method, path): the retries seen on the
-        wire. Listings (the bucket's path, with a query) are not counted."""
-        return sum(n - 1 for (_, path), n in self.per_path.items() if path.count("/") > 1)
+        wire. Listings (the bucket's path, with a query) are not counted, nor castore.json,
+        which every new store object writes (if absent) and reads once."""
+        return sum(
+            n - 1
+            for (_, path), n in self.per_path.items()
+            if path.count("/") > 1 and not path.endswith("/castore.json")
+        )
 
 
 class FaultProxy:

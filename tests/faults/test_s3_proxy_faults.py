@@ -243,9 +243,9 @@ async def test_slow_responses_give_a_correct_checkpoint(
     rules = [
         proxy.add(delay(1.0, **BLOB_PUT)),
         proxy.add(delay(0.2, first=2, times=3, **BLOB_PUT)),
-        proxy.add(delay(0.5, **MANIFEST_PUT)),
+        proxy.add(delay(0.3, **MANIFEST_PUT)),
         proxy.add(delay(0.3, times=3, **BLOB_GET)),
-        proxy.add(delay(0.4, **MANIFEST_GET)),
+        proxy.add(delay(0.2, **MANIFEST_GET)),
     ]
     info = await store.save(src)
     saving = proxy.reset_stats()
