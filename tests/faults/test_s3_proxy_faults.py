@@ -401,12 +401,12 @@ def _rule(spec: RuleSpec) -> Rule:
     action, target, first, times = spec
     match = {**TARGETS[target], "first": first, "times": times}
     if action in ("500", "503"):
-        return error(int(action), **match)  # type: ignore[arg-type]
+        return error(int(action), **match)
     if action == "deny":
-        return deny(first=first, **TARGETS[target])  # type: ignore[arg-type]
+        return deny(first=first, **TARGETS[target])
     if action == "delay":
-        return delay(0.2, **match)  # type: ignore[arg-type]
-    return reset(**match) if action == "reset" else drop(**match)  # type: ignore[arg-type]
+        return delay(0.2, **match)
+    return reset(**match) if action == "reset" else drop(**match)
 
 
 @settings(
