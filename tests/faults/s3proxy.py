@@ -289,6 +289,10 @@ class FaultProxy:
                     if not await self._answer_error(reader, writer, request, rule.status):
                         return
                     continue
+                if upstream is not None and upstream[0].at_eof():
+                    # The server closed the idle connection: not a fault of ours to pass on.
+                    upstream[1].close()
+                    upstream = None
                 if upstream is None:
                     upstream = await asyncio.open_connection(*self.upstream, limit=_HEAD_LIMIT)
                 wait = rule.seconds if rule is not None else 0.0
