@@ -26,6 +26,7 @@ from ._taskgroup import for_each
 
 __all__ = ["CLAIM_TTL", "COMMIT_WINDOW", "SWEEP_TTL", "confirm_commit", "guard_commit"]
 
+
 def _time_scale() -> float:
     """``CASTORE_TEST_GC_TIME_SCALE`` multiplies the protocol's time constants below.
     It exists for stress tests that run whole gc cycles in seconds; leave it unset."""
