@@ -14,6 +14,7 @@ with ordinary puts: no locks, no leases that a crashed process could leave held.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -75,7 +76,9 @@ class GcSnapshot:
     sweeps: tuple[float, ...]
     """When the store received each sweep marker (the store's clock)."""
     generation: str
-    """The newest generation marker: it changes whenever a sweep may delete blobs."""
+    """Names the set of generation markers, so it changes with every marker a sweep
+    writes, whatever the clocks say (a name or time ordering would not: two markers in
+    one second tie on S3, and a gc whose clock ran ahead writes names that sort last)."""
     damage: tuple[DamageRecord, ...] = ()
 
     def damaged(self) -> frozenset[str]:
@@ -96,6 +99,12 @@ class GcSnapshot:
 
 def _stamp(prefix: str, now: float) -> str:
     return f"{prefix}{int(now * 1000):013d}-{os.urandom(4).hex()}"
+
+
+def _generation(markers: list[str]) -> str:
+    if not markers:
+        return ""
+    return hashlib.blake2b("\n".join(sorted(markers)).encode(), digest_size=16).hexdigest()
 
 
 def _pack(doc: dict[str, object]) -> bytes:
@@ -155,7 +164,7 @@ class GcState:
         records: list[CandidateRecord] = []
         damage: list[DamageRecord] = []
         sweeps: list[float] = []
-        newest: tuple[float, str] = (0.0, "")
+        generations: list[str] = []
         for info in await self._list(_GC):
             kind = self._ours(info)
             try:
@@ -173,12 +182,10 @@ class GcState:
             if kind == SWEEPING:
                 sweeps.append(info.modified)
             elif kind == GENERATION:
-                # The newest marker by the store's clock, not by name: a gc whose clock
-                # ran ahead must not freeze the generation at its far-future name.
-                newest = max(newest, (info.modified, info.key))
+                generations.append(info.key)
         self._records = {r.key: r for r in records}
         self._damage = {d.key: d for d in damage}
-        return GcSnapshot(tuple(records), tuple(sweeps), newest[1], tuple(damage))
+        return GcSnapshot(tuple(records), tuple(sweeps), _generation(generations), tuple(damage))
 
     async def _damage_record(self, key: str) -> DamageRecord | None:
         known = self._damage.get(key)
