@@ -62,6 +62,8 @@ class GcReport:
     marked_bytes: int
     complete: bool
     """False if the sweep stopped early (it ran too long); the next run continues."""
+    removed_temporaries: int = 0
+    """Files that interrupted puts left in a local store, older than the grace."""
 
 
 @dataclass
@@ -250,6 +252,8 @@ async def _sweep(
         records = list((await state.snapshot()).records)
         now = clock.now()
         deletable, markable = _decide(blobs, referenced, claimed, records, now, grace)
+        # A put still running is younger than the grace, as the blobs it writes are.
+        temporaries = await repo.backend.remove_temporaries(now - grace)
         freed = 0
         deleted = 0
         complete = True
@@ -282,6 +286,7 @@ async def _sweep(
             marked_blobs=marked,
             marked_bytes=0 if grace == 0 else sum(blobs[b].size for b in markable),
             complete=complete,
+            removed_temporaries=temporaries,
         )
     finally:
         with anyio.CancelScope(shield=True):

@@ -22,9 +22,20 @@ import anyio
 import anyio.to_thread
 
 from ._backends import Backend, BlockingAccess
-from ._codec import decode_blob
-from ._errors import CheckpointNotFoundError, IntegrityError, ObjectNotFoundError
-from ._manifest import Manifest, decode_manifest, encode_manifest, validate_key
+from ._codec import MAX_BLOB_STORED_SIZE, decode_blob
+from ._errors import (
+    CheckpointNotFoundError,
+    IntegrityError,
+    ObjectNotFoundError,
+    StoreNotFoundError,
+)
+from ._manifest import (
+    MAX_MANIFEST_STORED_SIZE,
+    Manifest,
+    decode_manifest,
+    encode_manifest,
+    validate_key,
+)
 from ._taskgroup import for_each
 
 __all__ = ["BlockingBlobs", "ManifestRef", "Repository", "blob_key"]
@@ -32,6 +43,8 @@ __all__ = ["BlockingBlobs", "ManifestRef", "Repository", "blob_key"]
 STORE_FORMAT_VERSION = 1
 _CONFIG_KEY = "castore.json"
 _MANIFEST_NAME = re.compile(r"(\d{12})-a(\d+)-([0-9a-f]{16})\Z")
+_STORE_ID = re.compile(r"[0-9a-f]{32}\Z")
+_MAX_CONFIG_SIZE = 64 * 1024
 
 
 def blob_key(blob_id: str) -> str:
@@ -60,25 +73,41 @@ class ManifestRef:
 
 
 class Repository:
-    def __init__(self, backend: Backend) -> None:
+    """Blobs and manifests of one store. ``must_exist``: every listing first checks that
+    the store exists (StoreNotFoundError if not), for operations that must not treat a
+    mistyped URL as an empty store, or create anything there."""
+
+    def __init__(self, backend: Backend, *, must_exist: bool = False) -> None:
         self.backend = backend
+        self.must_exist = must_exist
         self._store_id: str | None = None
 
-    async def store_id(self) -> str:
-        """The store's random id, created on first use. Caches keyed by it notice a
-        store that was wiped and recreated at the same URL."""
+    async def store_id(self, *, create: bool = False) -> str:
+        """The store's random id, from its ``castore.json``. Caches keyed by it notice a
+        store that was wiped and recreated at the same URL. ``create``: make the store
+        if there is none (only a save does); otherwise StoreNotFoundError."""
         if self._store_id is None:
-            doc = {"format": STORE_FORMAT_VERSION, "store_id": os.urandom(16).hex()}
-            await self.backend.put_if_absent(_CONFIG_KEY, json.dumps(doc).encode())
-            raw = await self.backend.get(_CONFIG_KEY)
+            if create:
+                doc = {"format": STORE_FORMAT_VERSION, "store_id": os.urandom(16).hex()}
+                await self.backend.put_if_absent(_CONFIG_KEY, json.dumps(doc).encode())
             try:
-                config = json.loads(raw)
-                if config["format"] != STORE_FORMAT_VERSION:
-                    raise IntegrityError(f"store format {config['format']!r} is not supported")
-                self._store_id = str(config["store_id"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise IntegrityError(f"corrupt {_CONFIG_KEY} in {self.backend.url}") from exc
+                raw = await self.backend.get(_CONFIG_KEY, max_size=_MAX_CONFIG_SIZE)
+            except ObjectNotFoundError as exc:
+                raise StoreNotFoundError(f"no castore store at {self.backend.url}") from exc
+            self._store_id = _parse_config(raw, self.backend.url)
         return self._store_id
+
+    async def exists(self) -> bool:
+        """Whether the store exists (its ``castore.json`` does)."""
+        try:
+            await self.store_id()
+        except StoreNotFoundError:
+            return False
+        return True
+
+    async def _require(self) -> None:
+        if self.must_exist and self._store_id is None:
+            await self.store_id()
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -94,7 +123,7 @@ class Repository:
     async def get_blob_encoded(self, blob_id: str) -> bytes:
         """The stored bytes of a blob, unverified; IntegrityError if it is missing."""
         try:
-            return await self.backend.get(blob_key(blob_id))
+            return await self.backend.get(blob_key(blob_id), max_size=MAX_BLOB_STORED_SIZE)
         except ObjectNotFoundError as exc:
             raise IntegrityError(f"blob {blob_id} is missing from the store") from exc
 
@@ -105,6 +134,7 @@ class Repository:
 
     async def existing_blobs(self) -> set[str]:
         """Ids of every blob in the store (one listing)."""
+        await self._require()
         return {info.key.rsplit("/", 1)[-1] async for info in self.backend.list("blobs/")}
 
     # -- manifests -------------------------------------------------------------------------
@@ -112,6 +142,7 @@ class Repository:
     async def list_manifests(self, key: str | None = None) -> list[ManifestRef]:
         """Committed manifests of one key (or of every key), oldest first."""
         prefix = _key_dir(validate_key(key)) if key is not None else "manifests/"
+        await self._require()
         refs = []
         async for info in self.backend.list(prefix):
             ref = _parse_ref(info.key, info.modified)
@@ -122,7 +153,7 @@ class Repository:
 
     async def read_manifest(self, ref: ManifestRef) -> Manifest:
         try:
-            raw = await self.backend.get(ref.object_key)
+            raw = await self.backend.get(ref.object_key, max_size=MAX_MANIFEST_STORED_SIZE)
         except ObjectNotFoundError as exc:
             raise CheckpointNotFoundError(f"checkpoint {ref.id} no longer exists") from exc
         manifest = await anyio.to_thread.run_sync(lambda: decode_manifest(raw, expect_id=ref.id))
@@ -156,6 +187,7 @@ class Repository:
         for ref in await self.list_manifests(key):
             if ref.id == checkpoint_id:
                 return ref
+        await self.store_id()  # StoreNotFoundError says more than "no such checkpoint"
         raise CheckpointNotFoundError(f"no checkpoint with id {checkpoint_id!r}")
 
     async def commit_manifest(self, manifest: Manifest) -> ManifestRef:
@@ -165,7 +197,7 @@ class Repository:
         # A retried put whose first try landed reads back as ours; anything else is a
         # collision of random ids, which must not pass silently.
         if not await self.backend.put_if_absent(ref.object_key, data) and (
-            await self.backend.get(ref.object_key) != data
+            await self.backend.get(ref.object_key, max_size=MAX_MANIFEST_STORED_SIZE) != data
         ):
             raise IntegrityError(f"manifest {ref.object_key} already exists")
         await self.backend.flush()
@@ -184,9 +216,24 @@ class BlockingBlobs:
     def get_blob_encoded_into(self, blob_id: str, buffer: bytearray) -> memoryview:
         """The stored bytes of a blob, unverified, read into ``buffer`` if they fit."""
         try:
-            return self._access.get_into(blob_key(blob_id), buffer)
+            return self._access.get_into(blob_key(blob_id), buffer, MAX_BLOB_STORED_SIZE)
         except ObjectNotFoundError as exc:
             raise IntegrityError(f"blob {blob_id} is missing from the store") from exc
+
+
+def _parse_config(raw: bytes, url: str) -> str:
+    """The store id from ``castore.json``: exactly 32 lowercase hex digits, since it
+    becomes part of file names in the cache directory."""
+    try:
+        config = json.loads(raw)
+        if config["format"] != STORE_FORMAT_VERSION:
+            raise IntegrityError(f"store format {config['format']!r} is not supported")
+        store_id = config["store_id"]
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise IntegrityError(f"corrupt {_CONFIG_KEY} in {url}") from exc
+    if not isinstance(store_id, str) or not _STORE_ID.match(store_id):
+        raise IntegrityError(f"corrupt {_CONFIG_KEY} in {url}: bad store_id {store_id!r:.80}")
+    return store_id
 
 
 def _parse_ref(object_key: str, modified: float) -> ManifestRef | None:

@@ -136,7 +136,7 @@ class CheckpointStore:
         started: float,
         trust_caches: bool,
     ) -> CheckpointInfo:
-        store_id = await self.repo.store_id()
+        store_id = await self.repo.store_id(create=True)
         gc_at_start = await self._gc_state.snapshot()
         started_at = self._clock.now()
         refs = await self.repo.list_manifests(self.key)
@@ -267,6 +267,7 @@ class CheckpointStore:
         if id is None:
             ref = await self._newest()
             if ref is None:
+                await self.repo.store_id()  # no store at all: StoreNotFoundError
                 raise CheckpointNotFoundError(f"key {self.key!r} has no checkpoint")
         else:
             ref = await self.repo.find_manifest(id)

@@ -38,9 +38,9 @@ class Recorder(BackendWrapper):
         self.put_keys.clear()
         self.put_bytes = 0
 
-    async def get(self, key: str) -> bytes:
+    async def get(self, key: str, *, max_size: int | None = None) -> bytes:
         self.calls["get"] += 1
-        return await self.inner.get(key)
+        return await self.inner.get(key, max_size=max_size)
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         self.calls["get_range"] += 1

@@ -56,8 +56,8 @@ class RetryBackend(BackendWrapper):
                 await self._sleep(delay * (0.5 + random.random() / 2))
         raise AssertionError("unreachable")
 
-    async def get(self, key: str) -> bytes:
-        return await self._retry(lambda: self.inner.get(key))
+    async def get(self, key: str, *, max_size: int | None = None) -> bytes:
+        return await self._retry(lambda: self.inner.get(key, max_size=max_size))
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         return await self._retry(lambda: self.inner.get_range(key, start, end))
@@ -150,9 +150,9 @@ class FaultBackend(BackendWrapper):
                 raise fault.error()
             return
 
-    async def get(self, key: str) -> bytes:
+    async def get(self, key: str, *, max_size: int | None = None) -> bytes:
         await self._before("get", key)
-        return await self.inner.get(key)
+        return await self.inner.get(key, max_size=max_size)
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         await self._before("get_range", key)
