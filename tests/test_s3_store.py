@@ -206,7 +206,7 @@ async def test_list_and_inspect(s3_server: S3Server, s3_url: str, tmp_path: Path
     src = tmp_path / "src"
     _build_tree(src)
     store = _store(s3_server, s3_url, tmp_path)
-    with pytest.raises(castore.CheckpointNotFoundError):
+    with pytest.raises(castore.StoreNotFoundError):  # nothing saved: no store yet
         await store.inspect()
     assert await store.list() == []
     a = await store.save(src, metadata={"step": 1})
