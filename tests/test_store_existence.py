@@ -43,9 +43,7 @@ def _maintenance_calls(m: Maintenance) -> dict[str, Callable[[], Any]]:
     }
 
 
-@pytest.mark.parametrize(
-    "op", ["checkpoints", "verify", "stats", "gc", "pin", "unpin", "inspect"]
-)
+@pytest.mark.parametrize("op", ["checkpoints", "verify", "stats", "gc", "pin", "unpin", "inspect"])
 async def test_maintenance_on_a_missing_local_store_fails_and_creates_nothing(
     tmp_path: Path, op: str
 ) -> None:
@@ -179,7 +177,11 @@ async def test_gc_removes_temporaries_older_than_the_grace(tmp_path: Path) -> No
     store = tmp_path / "store"
     blob_dir = next((store / "blobs").iterdir())
     # What killed puts leave: a temporary beside blobs, manifests and the config.
-    stale = [blob_dir / ".tmp-0123456789abcdef", store / ".tmp-00aa", store / "manifests" / ".tmp-1"]
+    stale = [
+        blob_dir / ".tmp-0123456789abcdef",
+        store / ".tmp-00aa",
+        store / "manifests" / ".tmp-1",
+    ]
     fresh = blob_dir / ".tmp-fedcba9876543210"
     for path in [*stale, fresh]:
         path.write_bytes(b"partial")
