@@ -33,9 +33,11 @@ from ._types import CheckpointInfo, EntryType, SourceKind
 
 __all__ = [
     "MANIFEST_FORMAT_VERSION",
+    "MAX_CONTAINERS",
     "MAX_DEPTH",
     "MAX_MANIFEST_SIZE",
     "MAX_MANIFEST_STORED_SIZE",
+    "MAX_STRINGS",
     "Entry",
     "Manifest",
     "Part",
@@ -55,6 +57,12 @@ room to spare, while a hostile manifest at the cap costs a bounded ~1.5 GiB to p
 (docs/format.md gives the measurements)."""
 MAX_MANIFEST_STORED_SIZE = MAX_MANIFEST_SIZE + MAX_MANIFEST_SIZE // 128 + 64 * 1024
 """Cap on a manifest object's size (zstd never expands much): larger is not read."""
+MAX_CONTAINERS = 4_000_000
+"""Cap on the JSON arrays and objects of a manifest. A chunk reference costs about two
+(its part, its blob), a small file three (entry, part list, part): 1M chunks or 1.3M
+small files fit, while a hostile manifest cannot make decoding cost gigabytes."""
+MAX_STRINGS = 10_000_000
+"""Cap on its JSON strings, keys included: a small file costs eight, a chunk one."""
 MAX_DEPTH = 64
 """How deeply checkpoint metadata may nest lists and objects."""
 _MAX_INT64 = 2**63 - 1
@@ -70,7 +78,7 @@ Part = tuple[int, int, int]
 """(index into Manifest.blobs, offset inside the blob's raw bytes, length)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million entries fit in half the memory
 class Entry:
     path: str
     type: EntryType
@@ -183,6 +191,16 @@ def decode_manifest(
 def _parse_json(raw: bytearray) -> Any:
     """The JSON document, holding as little as possible at once: the decompressed bytes
     are dropped once decoded to text, and the text once parsed."""
+    # Every JSON array, object or string becomes a Python object of 50-250 bytes, so
+    # a manifest of nothing but tiny ones would cost 25x its size: count them first
+    # (an over-count: brackets and escaped quotes inside strings count too).
+    containers = raw.count(b"[") + raw.count(b"{")
+    strings = raw.count(b'"') // 2
+    if containers > MAX_CONTAINERS or strings > MAX_STRINGS:
+        raise IntegrityError(
+            f"malformed manifest: {containers} arrays and objects and {strings} strings, "
+            f"above {MAX_CONTAINERS} and {MAX_STRINGS}"
+        )
     try:
         text = raw.decode()
         raw.clear()

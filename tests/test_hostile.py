@@ -211,6 +211,11 @@ CASES: dict[str, tuple[Callable[[Store], None], type[Exception], str]] = {
         IntegrityError,
         "",
     ),
+    "manifest of 5M empty arrays": (
+        _with_raw(("metadata", "x"), "[" + ",".join(["[]"] * 5_000_000) + "]"),
+        IntegrityError,
+        "arrays",
+    ),
     "manifest is a list": (lambda s: _write_manifest(s, _frame([1, 2])), IntegrityError, ""),
     "metadata nested 100k deep": (
         _with_raw(("metadata", "x"), "[" * 100_000 + "]" * 100_000),
@@ -237,7 +242,7 @@ CASES: dict[str, tuple[Callable[[Store], None], type[Exception], str]] = {
     "blob missing": (lambda s: s.blobs[0].unlink(), IntegrityError, "missing"),
     "blob flipped": (lambda s: _flip(s.blobs[-1], -1), IntegrityError, ""),
 }
-MEMORY_CASES = {name for name in CASES if "768" in name or "bomb" in name}
+MEMORY_CASES = {name for name in CASES if "768" in name or "bomb" in name or "5M" in name}
 
 
 _PEAK_RSS = """
