@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import anyio
 
-from .._errors import CastoreError, StorageUnavailableError
+from .._errors import CastoreError, IntegrityError, StorageUnavailableError
 from ._base import Backend, BackendWrapper, ObjectInfo
 
 __all__ = ["Fault", "FaultBackend", "RetryBackend"]
@@ -78,7 +78,10 @@ class RetryBackend(BackendWrapper):
             if not created and failed_before:
                 # A failed try may have landed with its answer lost: if what is there
                 # is exactly what we sent, this call created it.
-                return await self.inner.get(key) == data
+                try:
+                    return await self.inner.get(key, max_size=len(data)) == data
+                except IntegrityError:  # larger than what we sent: not ours
+                    return False
             return created
 
         return await self._retry(attempt)
