@@ -192,6 +192,17 @@ async def test_gc_removes_temporaries_older_than_the_grace(tmp_path: Path) -> No
     assert report.removed_temporaries == 3
     assert not any(p.exists() for p in stale)
     assert fresh.exists()  # a put that may still be running
+    # The CLI says so too.
+    stale[0].write_bytes(b"partial")
+    _age(stale[0], 7200)
+    result = subprocess.run(
+        [sys.executable, "-m", "castore", "gc", url, "-y", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CASTORE_CACHE_DIR": str(tmp_path / "cache")},
+        check=True,
+    )
+    assert json.loads(result.stdout)["removed_temporaries"] == 1
 
 
 @pytest.fixture
