@@ -354,12 +354,18 @@ def gc(
         freed_bytes=report.freed_bytes,
         marked_blobs=report.marked_blobs,
         complete=report.complete,
+        removed_temporaries=report.removed_temporaries,
     )
     _emit(
         as_json,
         summary,
         f"expired {len(plan.expire)} checkpoint(s); deleted {report.deleted_blobs} blob(s), freed "
         f"{_size(report.freed_bytes)}; marked {report.marked_blobs} blob(s)"
+        + (
+            f"; removed {report.removed_temporaries} stale temporary file(s)"
+            if report.removed_temporaries
+            else ""
+        )
         + ("" if report.complete else "; stopped early, run gc again"),
     )
     if plan.damaged or report.damaged:

@@ -34,8 +34,10 @@ from ._errors import IntegrityError
 __all__ = [
     "BLOB_FORMAT_VERSION",
     "MAX_BLOB_RAW_SIZE",
+    "MAX_BLOB_STORED_SIZE",
     "decode_blob",
     "decode_blob_into",
+    "decompress_bounded",
     "encode_blob",
     "hash_bytes",
 ]
@@ -46,6 +48,11 @@ MAX_BLOB_RAW_SIZE = 64 * 1024 * 1024
 
 _MAGIC = b"CSTB"
 _HEADER = struct.Struct("<4sBBHQ")
+MAX_BLOB_STORED_SIZE = _HEADER.size + MAX_BLOB_RAW_SIZE + MAX_BLOB_RAW_SIZE // 128 + 64 * 1024
+"""Cap on a blob object's stored size: the header, the raw cap, and more than zstd's and
+blosc's worst-case expansion of incompressible data (writers store such data raw).
+Backends refuse to read a larger object, so a huge file in a hostile store is never
+read whole before its header could be checked."""
 _CODEC_RAW = 0
 _CODEC_ZSTD = 1
 _CODEC_BLOSC = 2
@@ -171,6 +178,52 @@ def _blosc() -> Any:
 
 _blosc_module: Any = None
 _import_lock = threading.Lock()
+
+
+_STREAM_PIECE = 1024 * 1024
+
+
+def decompress_bounded(data: bytes | bytearray | memoryview, limit: int, what: str) -> bytearray:
+    """The content of one zstd frame, which must be at most ``limit`` bytes;
+    IntegrityError naming ``what`` on anything else.
+
+    python-zstandard's ``max_output_size`` is ignored when the frame declares its
+    content size, so a 32 KB frame declaring 8 GiB would be allocated whole: the
+    declared size is checked first, and the frame is then streamed into a buffer that
+    never grows past ``limit`` (frames that declare no size included).
+    """
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"{what}: not zstd data: {exc}") from exc
+    if declared > limit:
+        raise IntegrityError(f"{what}: declares {declared} bytes, above the cap of {limit}")
+    out = bytearray(declared if declared >= 0 else 0)
+    try:
+        with _decompressor().stream_reader(data) as reader:
+            if declared >= 0:
+                filled = 0
+                view = memoryview(out)
+                while filled < declared:
+                    got = reader.readinto(view[filled:])
+                    if not got:
+                        raise IntegrityError(f"{what}: truncated zstd frame")
+                    filled += got
+                del view
+            else:
+                while len(out) <= limit:
+                    piece = reader.read(min(_STREAM_PIECE, limit + 1 - len(out)))
+                    if not piece:
+                        break
+                    out += piece
+                if len(out) > limit:
+                    raise IntegrityError(f"{what}: decompresses to more than the cap of {limit}")
+            # zstd checks the declared size itself; an extra byte here means it did not.
+            if reader.read(1):
+                raise IntegrityError(f"{what}: more data than the frame declares")
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"{what}: cannot decompress: {exc}") from exc
+    return out
 
 
 def decode_blob(blob_id: str, blob: bytes | memoryview) -> bytearray:

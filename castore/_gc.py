@@ -66,6 +66,8 @@ class GcReport:
     damaged: tuple[str, ...] = ()
     """Checkpoints whose manifests cannot be read. While there are any, no blob is
     deleted: they might reference it. ``castore repair --forget`` removes them."""
+    removed_temporaries: int = 0
+    """Files that interrupted puts left in a local store, older than the grace."""
 
 
 @dataclass
@@ -300,6 +302,8 @@ async def _sweep(
         records = list((await state.snapshot()).records)
         now = store_now()
         deletable, markable = _decide(blobs, referenced, claimed, records, now, grace)
+        # A put still running is younger than the grace, as the blobs it writes are.
+        temporaries = await repo.backend.remove_temporaries(now - grace)
         freed = 0
         deleted = 0
         complete = True
@@ -337,6 +341,7 @@ async def _sweep(
             marked_blobs=marked,
             marked_bytes=0 if grace == 0 else sum(blobs[b].size for b in markable),
             complete=complete,
+            removed_temporaries=temporaries,
         )
     finally:
         with anyio.CancelScope(shield=True):

@@ -26,7 +26,9 @@ import anyio.to_thread
 import zstandard
 
 from ._backends import Backend, ObjectInfo
+from ._codec import decompress_bounded
 from ._errors import GcConflict, IntegrityError, ObjectNotFoundError
+from ._manifest import MAX_MANIFEST_SIZE
 
 __all__ = ["CandidateRecord", "DamageRecord", "GcSnapshot", "GcState"]
 
@@ -48,6 +50,13 @@ _NAMES = {
     CLAIMS: _ID_NAME,
 }
 _log = logging.getLogger("castore")
+MAX_GC_OBJECT_SIZE = MAX_MANIFEST_SIZE
+"""Cap on a record's or claim's JSON. A claim names at most the blobs of one manifest,
+in fewer bytes per blob than the manifest, so it fits."""
+MAX_RECORD_BLOBS = 1_000_000
+"""Blobs one candidate record names (~68 MB of JSON), well under the cap; a sweep that
+finds more marks the rest in a later run."""
+_MAX_STORED = MAX_GC_OBJECT_SIZE + MAX_GC_OBJECT_SIZE // 128 + 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -112,9 +121,10 @@ def _pack(doc: dict[str, object]) -> bytes:
 
 
 def _unpack(key: str, data: bytes) -> dict[str, object]:
+    raw = decompress_bounded(data, MAX_GC_OBJECT_SIZE, f"gc object {key}")
     try:
-        doc = json.loads(zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 30))
-    except (zstandard.ZstdError, ValueError) as exc:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
         raise IntegrityError(f"corrupt gc object {key}: {exc}") from exc
     if not isinstance(doc, dict):
         raise IntegrityError(f"corrupt gc object {key}")
@@ -203,7 +213,7 @@ class GcState:
         if record is not None:
             return record
         try:
-            data = await self.backend.get(info.key)
+            data = await self.backend.get(info.key, max_size=_MAX_STORED)
         except ObjectNotFoundError:
             return None  # swept between the listing and the read
         doc = await anyio.to_thread.run_sync(_unpack, info.key, data)
@@ -221,7 +231,7 @@ class GcState:
         self, created_at: float, grace: float, blobs: Iterable[str]
     ) -> CandidateRecord:
         key = _stamp(CANDIDATES, created_at)
-        listed = sorted(blobs)
+        listed = sorted(blobs)[:MAX_RECORD_BLOBS]
         data = await anyio.to_thread.run_sync(
             _pack, {"created_at": created_at, "grace": grace, "blobs": listed}
         )
@@ -284,7 +294,7 @@ class GcState:
             if self._ours(info) is None:
                 continue
             try:
-                data = await self.backend.get(info.key)
+                data = await self.backend.get(info.key, max_size=_MAX_STORED)
             except ObjectNotFoundError:
                 continue
             if now - info.modified >= ttl:
@@ -336,9 +346,11 @@ class GcState:
 
     async def pin(self, checkpoint_id: str) -> None:
         await self.backend.put(f"{PINS}{checkpoint_id}", b"")
+        await self.backend.flush()  # "pinned" must survive a power cut
 
     async def unpin(self, checkpoint_id: str) -> None:
         await self.backend.delete(f"{PINS}{checkpoint_id}")
+        await self.backend.flush()
 
     async def pinned(self) -> set[str]:
         pins: set[str] = set()

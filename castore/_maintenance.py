@@ -84,7 +84,9 @@ class Maintenance:
         if url is None:
             url = os.environ.get("CASTORE_URL") or (default_cache_dir() / "store").as_uri()
         self.url = os.fspath(url)
-        self.repo = Repository(open_backend(self.url, **options))
+        # Maintenance never creates a store: on a mistyped URL every operation raises
+        # StoreNotFoundError before anything is read or written.
+        self.repo = Repository(open_backend(self.url, **options), must_exist=True)
         self._state = GcState(self.repo.backend)
         self._clock = clock or SystemClock()
 

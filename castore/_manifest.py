@@ -20,21 +20,28 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import zstandard
 
-from ._codec import MAX_BLOB_RAW_SIZE
+from ._codec import MAX_BLOB_RAW_SIZE, decompress_bounded
 from ._errors import IntegrityError, UsageError
 from ._types import CheckpointInfo, EntryType, SourceKind
 
 __all__ = [
     "MANIFEST_FORMAT_VERSION",
+    "MAX_CONTAINERS",
+    "MAX_DEPTH",
+    "MAX_MANIFEST_SIZE",
+    "MAX_MANIFEST_STORED_SIZE",
+    "MAX_STRINGS",
     "Entry",
     "Manifest",
     "Part",
+    "check_depth",
     "checkpoint_info",
     "decode_manifest",
     "encode_manifest",
@@ -43,11 +50,24 @@ __all__ = [
 ]
 
 MANIFEST_FORMAT_VERSION = 1
-MAX_MANIFEST_SIZE = 256 * 1024 * 1024
-MAX_METADATA_DEPTH = 64
-"""Nesting allowed in metadata. Far deeper values crash recursive code (json, a
-caller's ``dataclasses.asdict``) with RecursionError; they are refused instead."""
+MAX_MANIFEST_SIZE = 128 * 1024 * 1024
+"""Cap on a manifest's JSON. A chunk reference costs ~92 bytes of it and a small file
+~100, so 128 MiB holds a 1M-chunk checkpoint (1 TiB at the default 1 MiB chunks) with
+room to spare, while a hostile manifest at the cap costs a bounded ~1.5 GiB to parse
+(docs/format.md gives the measurements)."""
+MAX_MANIFEST_STORED_SIZE = MAX_MANIFEST_SIZE + MAX_MANIFEST_SIZE // 128 + 64 * 1024
+"""Cap on a manifest object's size (zstd never expands much): larger is not read."""
+MAX_CONTAINERS = 4_000_000
+"""Cap on the JSON arrays and objects of a manifest. A chunk reference costs about two
+(its part, its blob), a small file three (entry, part list, part): 1M chunks or 1.3M
+small files fit, while a hostile manifest cannot make decoding cost gigabytes."""
+MAX_STRINGS = 10_000_000
+"""Cap on its JSON strings, keys included: a small file costs eight, a chunk one."""
+MAX_DEPTH = 64
+"""How deeply checkpoint metadata may nest lists and objects."""
+_MAX_INT64 = 2**63 - 1
 _MAGIC = b"CSTM"
+_BAD_COMPONENT = re.compile(r"(?:\A|/)\.{0,2}(?:/|\Z)")
 _BLOB_ID = re.compile(r"[0-9a-f]{64}\Z")
 _KEY = re.compile(r"[A-Za-z0-9._=+@-]+(/[A-Za-z0-9._=+@-]+)*\Z")
 _TYPE_CODES: dict[EntryType, str] = {"file": "f", "dir": "d", "symlink": "l"}
@@ -58,7 +78,7 @@ Part = tuple[int, int, int]
 """(index into Manifest.blobs, offset inside the blob's raw bytes, length)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million entries fit in half the memory
 class Entry:
     path: str
     type: EntryType
@@ -100,20 +120,15 @@ def validate_key(key: str) -> str:
 
 def validate_relpath(path: object) -> str:
     """Return ``path`` if it is a safe relative POSIX path, else raise IntegrityError."""
-    if not isinstance(path, str) or not path:
-        raise IntegrityError(f"unsafe path in manifest: {path!r}")
-    if path.startswith("/") or "\x00" in path:
-        raise IntegrityError(f"unsafe path in manifest: {path!r}")
-    if any(part in ("", ".", "..") for part in path.split("/")):
+    # One regex finds a leading "/" and every empty, "." or ".." component.
+    if not isinstance(path, str) or not path or "\x00" in path or _BAD_COMPONENT.search(path):
         raise IntegrityError(f"unsafe path in manifest: {path!r}")
     return path
 
 
 def encode_manifest(m: Manifest) -> bytes:
-    if _too_deep(m.metadata):
-        raise UsageError(
-            f"checkpoint metadata is nested more than {MAX_METADATA_DEPTH} levels deep"
-        )
+    # What decode_manifest would refuse must not be committed.
+    check_depth(m.metadata, "checkpoint metadata", UsageError)
     doc: dict[str, Any] = {
         "format": MANIFEST_FORMAT_VERSION,
         "id": m.id,
@@ -133,9 +148,13 @@ def encode_manifest(m: Manifest) -> bytes:
         text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"checkpoint metadata must be JSON-serialisable: {exc}") from exc
-    except RecursionError as exc:
-        raise UsageError("checkpoint metadata is nested too deeply to store") from exc
-    body = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(text.encode())
+    raw = text.encode()
+    if len(raw) > MAX_MANIFEST_SIZE:
+        raise UsageError(
+            f"checkpoint too large: its manifest would take {len(raw)} bytes, above the cap "
+            f"of {MAX_MANIFEST_SIZE} (use larger chunks, or fewer files per checkpoint)"
+        )
+    body = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(raw)
     return _MAGIC + bytes([MANIFEST_FORMAT_VERSION, 0, 0, 0]) + body
 
 
@@ -151,45 +170,66 @@ def _encode_entry(e: Entry) -> dict[str, Any]:
     return out
 
 
-def decode_manifest(data: bytes | memoryview, *, expect_id: str | None = None) -> Manifest:
+def decode_manifest(
+    data: bytes | bytearray | memoryview, *, expect_id: str | None = None
+) -> Manifest:
     """Parse and validate a manifest; IntegrityError on anything malformed or unsafe."""
-    raw = bytes(data)
-    if len(raw) < 8 or raw[:4] != _MAGIC:
+    view = memoryview(data)
+    if len(view) < 8 or view[:4] != _MAGIC:
         raise IntegrityError("not a castore manifest")
-    if raw[4] != MANIFEST_FORMAT_VERSION:
-        raise IntegrityError(f"unsupported manifest format version {raw[4]}")
-    try:
-        text = zstandard.ZstdDecompressor().decompress(raw[8:], max_output_size=MAX_MANIFEST_SIZE)
-        doc = json.loads(text)
-    except (zstandard.ZstdError, ValueError) as exc:
-        raise IntegrityError(f"corrupt manifest: {exc}") from exc
-    except RecursionError as exc:
-        # No manifest castore writes nests this deep (encoding refuses it).
-        raise IntegrityError("malformed manifest: nested too deeply") from exc
+    if view[4] != MANIFEST_FORMAT_VERSION:
+        raise IntegrityError(f"unsupported manifest format version {view[4]}")
+    doc = _parse_json(decompress_bounded(view[8:], MAX_MANIFEST_SIZE, "manifest"))
     try:
         return _from_doc(doc, expect_id)
     except IntegrityError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise IntegrityError(f"malformed manifest: {exc!r}") from exc
 
 
-def _too_deep(value: object, limit: int = MAX_METADATA_DEPTH) -> bool:
-    """Whether lists and dicts nest more than ``limit`` levels in ``value`` (iterative:
-    the check itself must not recurse)."""
-    pending: list[tuple[object, int]] = [(value, 0)]
-    while pending:
-        item, depth = pending.pop()
+def _parse_json(raw: bytearray) -> Any:
+    """The JSON document, holding as little as possible at once: the decompressed bytes
+    are dropped once decoded to text, and the text once parsed."""
+    # Every JSON array, object or string becomes a Python object of 50-250 bytes, so
+    # a manifest of nothing but tiny ones would cost 25x its size: count them first
+    # (an over-count: brackets and escaped quotes inside strings count too).
+    containers = raw.count(b"[") + raw.count(b"{")
+    strings = raw.count(b'"') // 2
+    if containers > MAX_CONTAINERS or strings > MAX_STRINGS:
+        raise IntegrityError(
+            f"malformed manifest: {containers} arrays and objects and {strings} strings, "
+            f"above {MAX_CONTAINERS} and {MAX_STRINGS}"
+        )
+    try:
+        text = raw.decode()
+        raw.clear()
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError as exc:
+        raise IntegrityError("malformed manifest: nested too deeply") from exc
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError among them
+        raise IntegrityError(f"corrupt manifest: {exc}") from exc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def check_depth(value: object, what: str, error: type[Exception]) -> None:
+    """Raise ``error`` if ``value`` nests lists and objects deeper than MAX_DEPTH: a
+    manifest must stay printable and comparable without deep recursion."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
         if isinstance(item, dict):
             children: Any = item.values()
-        elif isinstance(item, (list, tuple)):
+        elif isinstance(item, list):
             children = item
         else:
             continue
-        if depth >= limit:
-            return True
-        pending.extend((child, depth + 1) for child in children)
-    return False
+        if depth >= MAX_DEPTH:
+            raise error(f"{what} nests deeper than {MAX_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)
 
 
 def _int(value: object, what: str, lo: int = 0, hi: int | None = None) -> int:
@@ -200,7 +240,15 @@ def _int(value: object, what: str, lo: int = 0, hi: int | None = None) -> int:
     return value
 
 
+def _number(value: object, what: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise IntegrityError(f"malformed manifest: bad {what} {value!r}")
+    return float(value)
+
+
 def _from_doc(doc: dict[str, Any], expect_id: str | None) -> Manifest:
+    if not isinstance(doc, dict):
+        raise IntegrityError("malformed manifest: not a JSON object")
     if doc["format"] != MANIFEST_FORMAT_VERSION:
         raise IntegrityError(f"unsupported manifest format {doc['format']!r}")
     mid = doc["id"]
@@ -216,28 +264,42 @@ def _from_doc(doc: dict[str, Any], expect_id: str | None) -> Manifest:
     parent = doc["parent"]
     if parent is not None and not isinstance(parent, str):
         raise IntegrityError("malformed manifest: bad parent")
-    blobs: list[tuple[str, int]] = []
-    for blob_id, size in doc["blobs"]:
-        if not isinstance(blob_id, str) or not _BLOB_ID.match(blob_id):
-            raise IntegrityError(f"malformed manifest: bad blob id {blob_id!r}")
-        blobs.append((blob_id, _int(size, "blob size", 1, MAX_BLOB_RAW_SIZE)))
-    entries = tuple(_decode_entry(e, blobs) for e in doc["entries"])
-    _check_tree(entries, cast(SourceKind, kind))
     metadata = doc["metadata"]
     stats = doc["stats"]
     if not isinstance(metadata, dict) or not isinstance(stats, dict):
         raise IntegrityError("malformed manifest: metadata and stats must be objects")
-    if _too_deep(metadata) or _too_deep(stats):
-        raise IntegrityError("malformed manifest: metadata nested too deeply")
-    created_at = doc["created_at"]
-    if not isinstance(created_at, (int, float)):
-        raise IntegrityError("malformed manifest: bad created_at")
+    check_depth(metadata, "manifest metadata", IntegrityError)
+    for name, value in stats.items():
+        _number(value, f"stats value {name!r}")
+    created_at = _number(doc["created_at"], "created_at")
+    try:
+        _dt.datetime.fromtimestamp(created_at, tz=_dt.timezone.utc)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise IntegrityError(f"malformed manifest: created_at {created_at!r}") from exc
+    # The two big lists are converted in place, element by element, so that each JSON
+    # list is freed as its tuple is made: the peak holds one copy of the manifest.
+    blobs = doc.pop("blobs")
+    if not isinstance(blobs, list):
+        raise IntegrityError("malformed manifest: blobs must be a list")
+    for i, (blob_id, size) in enumerate(blobs):
+        if not isinstance(blob_id, str) or not _BLOB_ID.match(blob_id):
+            raise IntegrityError(f"malformed manifest: bad blob id {blob_id!r}")
+        blobs[i] = (blob_id, _int(size, "blob size", 1, MAX_BLOB_RAW_SIZE))
+    blob_sizes = tuple(size for _, size in blobs)
+    raw_entries = doc.pop("entries")
+    if not isinstance(raw_entries, list):
+        raise IntegrityError("malformed manifest: entries must be a list")
+    for i, e in enumerate(raw_entries):
+        raw_entries[i] = _decode_entry(e, blob_sizes)
+    entries = tuple(raw_entries)
+    raw_entries.clear()
+    _check_tree(entries, cast(SourceKind, kind))
     return Manifest(
         id=mid,
         key=key,
         attempt=_int(doc["attempt"], "attempt"),
         seq=_int(doc["seq"], "seq"),
-        created_at=float(created_at),
+        created_at=created_at,
         kind=cast(SourceKind, kind),
         parent=parent,
         blobs=tuple(blobs),
@@ -248,7 +310,7 @@ def _from_doc(doc: dict[str, Any], expect_id: str | None) -> Manifest:
     )
 
 
-def _decode_entry(e: dict[str, Any], blobs: list[tuple[str, int]]) -> Entry:
+def _decode_entry(e: dict[str, Any], blob_sizes: tuple[int, ...]) -> Entry:
     path = validate_relpath(e["p"])
     etype = _CODE_TYPES.get(e["t"])
     if etype is None:
@@ -264,11 +326,14 @@ def _decode_entry(e: dict[str, Any], blobs: list[tuple[str, int]]) -> Entry:
     size = _int(e["s"], "size")
     parts: list[Part] = []
     total = 0
+    count = len(blob_sizes)
+    # The hot loop of a big manifest (one pass per chunk reference): checks inlined.
     for index, offset, length in e["c"]:
-        _int(index, "blob index", 0, len(blobs) - 1)
-        _int(offset, "part offset")
-        _int(length, "part length", 1)
-        if offset + length > blobs[index][1]:
+        if type(index) is not int or type(offset) is not int or type(length) is not int:
+            raise IntegrityError(f"malformed manifest: bad part of {path!r}")
+        if not (0 <= index < count and offset >= 0 and length >= 1):
+            raise IntegrityError(f"malformed manifest: bad part of {path!r}")
+        if offset + length > blob_sizes[index]:
             raise IntegrityError(f"malformed manifest: part of {path!r} outside its blob")
         parts.append((index, offset, length))
         total += length
@@ -276,7 +341,7 @@ def _decode_entry(e: dict[str, Any], blobs: list[tuple[str, int]]) -> Entry:
         raise IntegrityError(f"malformed manifest: parts of {path!r} add up to {total}, not {size}")
     mtime_ns = e.get("mt")
     if mtime_ns is not None:
-        _int(mtime_ns, "modification time")
+        _int(mtime_ns, "modification time", 0, _MAX_INT64)
     return Entry(path, etype, mode, size=size, parts=tuple(parts), mtime_ns=mtime_ns)
 
 

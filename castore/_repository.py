@@ -23,14 +23,21 @@ import anyio
 import anyio.to_thread
 
 from ._backends import Backend, BlockingAccess
-from ._codec import decode_blob
+from ._codec import MAX_BLOB_STORED_SIZE, decode_blob
 from ._errors import (
     BlobMissingError,
     CheckpointNotFoundError,
     IntegrityError,
     ObjectNotFoundError,
+    StoreNotFoundError,
 )
-from ._manifest import Manifest, decode_manifest, encode_manifest, validate_key
+from ._manifest import (
+    MAX_MANIFEST_STORED_SIZE,
+    Manifest,
+    decode_manifest,
+    encode_manifest,
+    validate_key,
+)
 from ._taskgroup import for_each
 
 __all__ = ["BlockingBlobs", "ManifestRef", "Repository", "blob_key", "warn_damaged"]
@@ -40,6 +47,8 @@ _log = logging.getLogger("castore")
 STORE_FORMAT_VERSION = 1
 _CONFIG_KEY = "castore.json"
 _MANIFEST_NAME = re.compile(r"(\d{12})-a(\d+)-([0-9a-f]{16})\Z")
+_STORE_ID = re.compile(r"[0-9a-f]{32}\Z")
+_MAX_CONFIG_SIZE = 64 * 1024
 
 
 def blob_key(blob_id: str) -> str:
@@ -68,25 +77,41 @@ class ManifestRef:
 
 
 class Repository:
-    def __init__(self, backend: Backend) -> None:
+    """Blobs and manifests of one store. ``must_exist``: every listing first checks that
+    the store exists (StoreNotFoundError if not), for operations that must not treat a
+    mistyped URL as an empty store, or create anything there."""
+
+    def __init__(self, backend: Backend, *, must_exist: bool = False) -> None:
         self.backend = backend
+        self.must_exist = must_exist
         self._store_id: str | None = None
 
-    async def store_id(self) -> str:
-        """The store's random id, created on first use. Caches keyed by it notice a
-        store that was wiped and recreated at the same URL."""
+    async def store_id(self, *, create: bool = False) -> str:
+        """The store's random id, from its ``castore.json``. Caches keyed by it notice a
+        store that was wiped and recreated at the same URL. ``create``: make the store
+        if there is none (only a save does); otherwise StoreNotFoundError."""
         if self._store_id is None:
-            doc = {"format": STORE_FORMAT_VERSION, "store_id": os.urandom(16).hex()}
-            await self.backend.put_if_absent(_CONFIG_KEY, json.dumps(doc).encode())
-            raw = await self.backend.get(_CONFIG_KEY)
+            if create:
+                doc = {"format": STORE_FORMAT_VERSION, "store_id": os.urandom(16).hex()}
+                await self.backend.put_if_absent(_CONFIG_KEY, json.dumps(doc).encode())
             try:
-                config = json.loads(raw)
-                if config["format"] != STORE_FORMAT_VERSION:
-                    raise IntegrityError(f"store format {config['format']!r} is not supported")
-                self._store_id = str(config["store_id"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise IntegrityError(f"corrupt {_CONFIG_KEY} in {self.backend.url}") from exc
+                raw = await self.backend.get(_CONFIG_KEY, max_size=_MAX_CONFIG_SIZE)
+            except ObjectNotFoundError as exc:
+                raise StoreNotFoundError(f"no castore store at {self.backend.url}") from exc
+            self._store_id = _parse_config(raw, self.backend.url)
         return self._store_id
+
+    async def exists(self) -> bool:
+        """Whether the store exists (its ``castore.json`` does)."""
+        try:
+            await self.store_id()
+        except StoreNotFoundError:
+            return False
+        return True
+
+    async def _require(self) -> None:
+        if self.must_exist and self._store_id is None:
+            await self.store_id()
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -102,7 +127,7 @@ class Repository:
     async def get_blob_encoded(self, blob_id: str) -> bytes:
         """The stored bytes of a blob, unverified; IntegrityError if it is missing."""
         try:
-            return await self.backend.get(blob_key(blob_id))
+            return await self.backend.get(blob_key(blob_id), max_size=MAX_BLOB_STORED_SIZE)
         except ObjectNotFoundError as exc:
             raise _missing(blob_id) from exc
 
@@ -113,6 +138,7 @@ class Repository:
 
     async def existing_blobs(self) -> set[str]:
         """Ids of every blob in the store (one listing)."""
+        await self._require()
         return {info.key.rsplit("/", 1)[-1] async for info in self.backend.list("blobs/")}
 
     # -- manifests -------------------------------------------------------------------------
@@ -120,6 +146,7 @@ class Repository:
     async def list_manifests(self, key: str | None = None) -> list[ManifestRef]:
         """Committed manifests of one key (or of every key), oldest first."""
         prefix = _key_dir(validate_key(key)) if key is not None else "manifests/"
+        await self._require()
         refs = []
         async for info in self.backend.list(prefix):
             ref = _parse_ref(info.key, info.modified)
@@ -130,7 +157,7 @@ class Repository:
 
     async def read_manifest(self, ref: ManifestRef) -> Manifest:
         try:
-            raw = await self.backend.get(ref.object_key)
+            raw = await self.backend.get(ref.object_key, max_size=MAX_MANIFEST_STORED_SIZE)
         except ObjectNotFoundError as exc:
             raise CheckpointNotFoundError(f"checkpoint {ref.id} no longer exists") from exc
         manifest = await anyio.to_thread.run_sync(lambda: decode_manifest(raw, expect_id=ref.id))
@@ -170,22 +197,28 @@ class Repository:
         await self.each_manifest(refs, lambda ref, m: found.__setitem__(ref.id, m), warn_damaged)
         return [found[r.id] for r in refs if r.id in found]
 
-    async def newest_intact(self, refs: list[ManifestRef]) -> Manifest | None:
-        """The newest of ``refs`` (oldest first) whose manifest reads and parses; damaged
-        ones are skipped with a warning. None if there is none."""
+    async def newest_intact(
+        self, refs: list[ManifestRef]
+    ) -> tuple[Manifest | None, IntegrityError | None]:
+        """The newest of ``refs`` (oldest first) whose manifest reads and parses, and the
+        error of the newest damaged one skipped (with a warning) on the way, if any.
+        (None, …) if no manifest is intact."""
+        first_error: IntegrityError | None = None
         for ref in reversed(refs):
             try:
-                return await self.read_manifest(ref)
+                return await self.read_manifest(ref), first_error
             except CheckpointNotFoundError:
                 continue
             except IntegrityError as exc:
                 warn_damaged(ref, exc)
-        return None
+                first_error = first_error or exc
+        return None, first_error
 
     async def find_manifest(self, checkpoint_id: str, key: str | None = None) -> ManifestRef:
         for ref in await self.list_manifests(key):
             if ref.id == checkpoint_id:
                 return ref
+        await self.store_id()  # StoreNotFoundError says more than "no such checkpoint"
         raise CheckpointNotFoundError(f"no checkpoint with id {checkpoint_id!r}")
 
     async def delete_manifest(self, ref: ManifestRef) -> None:
@@ -199,7 +232,7 @@ class Repository:
         # A retried put whose first try landed reads back as ours; anything else is a
         # collision of random ids, which must not pass silently.
         if not await self.backend.put_if_absent(ref.object_key, data) and (
-            await self.backend.get(ref.object_key) != data
+            await self.backend.get(ref.object_key, max_size=MAX_MANIFEST_STORED_SIZE) != data
         ):
             raise IntegrityError(f"manifest {ref.object_key} already exists")
         await self.backend.flush()
@@ -218,7 +251,7 @@ class BlockingBlobs:
     def get_blob_encoded_into(self, blob_id: str, buffer: bytearray) -> memoryview:
         """The stored bytes of a blob, unverified, read into ``buffer`` if they fit."""
         try:
-            return self._access.get_into(blob_key(blob_id), buffer)
+            return self._access.get_into(blob_key(blob_id), buffer, MAX_BLOB_STORED_SIZE)
         except ObjectNotFoundError as exc:
             raise _missing(blob_id) from exc
 
@@ -236,6 +269,21 @@ def warn_damaged(ref: ManifestRef, exc: IntegrityError) -> None:
 
 def _missing(blob_id: str) -> BlobMissingError:
     return BlobMissingError(f"blob {blob_id} is missing from the store", blob_id)
+
+
+def _parse_config(raw: bytes, url: str) -> str:
+    """The store id from ``castore.json``: exactly 32 lowercase hex digits, since it
+    becomes part of file names in the cache directory."""
+    try:
+        config = json.loads(raw)
+        if config["format"] != STORE_FORMAT_VERSION:
+            raise IntegrityError(f"store format {config['format']!r} is not supported")
+        store_id = config["store_id"]
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise IntegrityError(f"corrupt {_CONFIG_KEY} in {url}") from exc
+    if not isinstance(store_id, str) or not _STORE_ID.match(store_id):
+        raise IntegrityError(f"corrupt {_CONFIG_KEY} in {url}: bad store_id {store_id!r:.80}")
+    return store_id
 
 
 def _parse_ref(object_key: str, modified: float) -> ManifestRef | None:

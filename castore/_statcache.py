@@ -23,6 +23,8 @@ from typing import Any
 
 import zstandard
 
+from ._codec import decompress_bounded
+from ._errors import IntegrityError
 from ._manifest import Manifest
 from ._scan import StatKey, present_files, stat_key
 
@@ -31,6 +33,8 @@ __all__ = ["RECENT_NS", "FilePart", "StatCache"]
 _log = logging.getLogger("castore")
 
 RECENT_NS = 2_000_000_000
+MAX_STAT_CACHE_SIZE = 512 * 1024 * 1024
+"""A cache file that decompresses to more is ignored (it holds ~3M files' entries)."""
 _VERSION = 1
 
 FilePart = tuple[str, int, int, int]
@@ -49,15 +53,17 @@ class StatCache:
         """Read the cache; a missing or corrupt file gives an empty one."""
         cache = cls(path)
         try:
+            if path.stat().st_size > MAX_STAT_CACHE_SIZE:
+                return cache
             raw = path.read_bytes()
-            doc = json.loads(zstandard.ZstdDecompressor().decompress(raw))
+            doc = json.loads(decompress_bounded(raw, MAX_STAT_CACHE_SIZE, "stat cache"))
             if doc["version"] == _VERSION:
                 cache.generation = str(doc["generation"])
                 cache._entries = {
                     p: (tuple(k), [tuple(part) for part in parts])
                     for p, (k, parts) in doc["entries"].items()
                 }
-        except (OSError, ValueError, KeyError, TypeError, zstandard.ZstdError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError, IntegrityError):
             pass
         return cache
 

@@ -148,12 +148,12 @@ class CheckpointStore:
         started: float,
         trust_caches: bool,
     ) -> CheckpointInfo:
-        store_id = await self.repo.store_id()
+        store_id = await self.repo.store_id(create=True)
         # The time first: a pause between the two counts as time this save took.
         started_at = self._clock.now()
         gc_at_start = await self._gc_state.snapshot()
         refs = await self.repo.list_manifests(self.key)
-        previous = await self.repo.newest_intact(refs)
+        previous, _ = await self.repo.newest_intact(refs)
         # Blobs found missing (by verify or a load) are stored anew, whatever a manifest
         # or the stat cache says of them.
         damaged = gc_at_start.damaged()
@@ -307,6 +307,7 @@ class CheckpointStore:
         if id is None:
             newest, _ = await self._newest_intact()
             if newest is None:
+                await self.repo.store_id()  # no store at all: StoreNotFoundError
                 raise CheckpointNotFoundError(f"key {self.key!r} has no checkpoint")
             manifest = newest
         else:
@@ -378,12 +379,12 @@ class CheckpointStore:
         refs = await self._eligible_refs()
         if not refs:
             return None, refs
-        manifest = await self.repo.newest_intact(refs)
+        manifest, damage = await self.repo.newest_intact(refs)
         if manifest is None:
             raise IntegrityError(
-                f"every checkpoint of key {self.key!r} is damaged: `castore verify` lists "
-                "them, `castore repair --forget` removes them"
-            )
+                f"every checkpoint of key {self.key!r} is damaged (the newest: {damage}); "
+                "`castore verify` lists them, `castore repair --forget` removes them"
+            ) from damage
         if manifest.id != refs[-1].id:
             _log.warning(
                 "castore: falling back to checkpoint %s (#%d), the newest intact one of key %s",

@@ -57,9 +57,9 @@ class KeyCounter(BackendWrapper):
         self.puts[key] += 1
         return await self.inner.put_if_absent(key, data)
 
-    async def get(self, key: str) -> bytes:
+    async def get(self, key: str, *, max_size: int | None = None) -> bytes:
         self.gets[key] += 1
-        return await self.inner.get(key)
+        return await self.inner.get(key, max_size=max_size)
 
 
 class LostResponse(BackendWrapper):

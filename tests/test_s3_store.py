@@ -38,9 +38,9 @@ class Recorder(BackendWrapper):
         self.put_keys.clear()
         self.put_bytes = 0
 
-    async def get(self, key: str) -> bytes:
+    async def get(self, key: str, *, max_size: int | None = None) -> bytes:
         self.calls["get"] += 1
-        return await self.inner.get(key)
+        return await self.inner.get(key, max_size=max_size)
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         self.calls["get_range"] += 1
@@ -206,7 +206,7 @@ async def test_list_and_inspect(s3_server: S3Server, s3_url: str, tmp_path: Path
     src = tmp_path / "src"
     _build_tree(src)
     store = _store(s3_server, s3_url, tmp_path)
-    with pytest.raises(castore.CheckpointNotFoundError):
+    with pytest.raises(castore.StoreNotFoundError):  # nothing saved: no store yet
         await store.inspect()
     assert await store.list() == []
     a = await store.save(src, metadata={"step": 1})

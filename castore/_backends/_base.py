@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["Backend", "BackendWrapper", "BlockingAccess", "ObjectInfo"]
+from .._errors import IntegrityError
+
+__all__ = ["Backend", "BackendWrapper", "BlockingAccess", "ObjectInfo", "too_large"]
+
+
+def too_large(key: str, size: int, max_size: int) -> IntegrityError:
+    return IntegrityError(f"object {key!r} holds {size} bytes, more than the {max_size} allowed")
 
 
 @dataclass(frozen=True)
@@ -30,9 +36,9 @@ class BlockingAccess(Protocol):
     """Blocking calls a backend may offer for use inside worker threads, so that a
     pipeline stores or fetches a chunk in the same thread hop that hashes it."""
 
-    def get_into(self, key: str, buffer: bytearray) -> memoryview:
+    def get_into(self, key: str, buffer: bytearray, max_size: int | None = None) -> memoryview:
         """The object's bytes, read into ``buffer`` when they fit (a view of it),
-        into a new buffer otherwise."""
+        into a new buffer otherwise. ``max_size`` as for :meth:`Backend.get`."""
         ...
 
     def put_if_absent(self, key: str, data: bytes) -> bool: ...
@@ -45,8 +51,10 @@ class Backend(abc.ABC):
     """Where the store lives, without credentials."""
 
     @abc.abstractmethod
-    async def get(self, key: str) -> bytes:
-        """The object's bytes; ObjectNotFoundError if there is none."""
+    async def get(self, key: str, *, max_size: int | None = None) -> bytes:
+        """The object's bytes; ObjectNotFoundError if there is none. An object larger
+        than ``max_size`` is not read: IntegrityError naming the key (a hostile store
+        must not make a reader allocate what the format cannot hold)."""
 
     @abc.abstractmethod
     async def get_range(self, key: str, start: int, end: int) -> bytes:
@@ -89,7 +97,14 @@ class Backend(abc.ABC):
         return None
 
     async def flush(self) -> None:  # noqa: B027 - optional hook, no-op by default
-        """Make every completed put durable. Object stores are durable on return."""
+        """Make every completed put and delete durable, and the names of objects a
+        put_if_absent found present. Object stores are durable on return."""
+
+    async def remove_temporaries(self, older_than: float) -> int:
+        """Remove what interrupted puts left behind, if anything was last modified
+        before ``older_than`` (seconds since the epoch); the number removed. Object
+        stores leave nothing (a put is atomic), so the default does nothing."""
+        return 0
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release connections and file handles."""
@@ -102,8 +117,8 @@ class BackendWrapper(Backend):
         self.inner = inner
         self.url = inner.url
 
-    async def get(self, key: str) -> bytes:
-        return await self.inner.get(key)
+    async def get(self, key: str, *, max_size: int | None = None) -> bytes:
+        return await self.inner.get(key, max_size=max_size)
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         return await self.inner.get_range(key, start, end)
@@ -135,6 +150,9 @@ class BackendWrapper(Backend):
 
     async def flush(self) -> None:
         await self.inner.flush()
+
+    async def remove_temporaries(self, older_than: float) -> int:
+        return await self.inner.remove_temporaries(older_than)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -22,7 +22,7 @@ import anyio.to_thread
 
 from .._errors import ObjectNotFoundError, StorageError, StoragePermissionError, UsageError
 from .._fileio import pwrite_all
-from ._base import Backend, BlockingAccess, ObjectInfo
+from ._base import Backend, BlockingAccess, ObjectInfo, too_large
 
 __all__ = ["LocalBackend"]
 
@@ -49,21 +49,33 @@ class LocalBackend(Backend):
     def local_root(self) -> Path:
         return self.root
 
-    async def get(self, key: str) -> bytes:
-        return await anyio.to_thread.run_sync(self._get_sync, key)
+    async def get(self, key: str, *, max_size: int | None = None) -> bytes:
+        return await anyio.to_thread.run_sync(self._get_sync, key, max_size)
 
-    def _get_sync(self, key: str) -> bytes:
+    def _get_sync(self, key: str, max_size: int | None = None) -> bytes:
         with _mapped_errors(key), open(self._path(key), "rb") as f:
-            return f.read()
+            if max_size is None:
+                return f.read()
+            _check_size(key, os.fstat(f.fileno()).st_size, max_size)
+            data = f.read(max_size + 1)  # the file may have grown since the fstat
+            _check_size(key, len(data), max_size)
+            return data
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         return await anyio.to_thread.run_sync(self._get_range_sync, key, start, end)
 
-    def _get_into_sync(self, key: str, buffer: bytearray) -> memoryview:
+    def _get_into_sync(
+        self, key: str, buffer: bytearray, max_size: int | None = None
+    ) -> memoryview:
         with _mapped_errors(key), open(self._path(key), "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
+            if max_size is not None:
+                _check_size(key, size, max_size)
             if size > len(buffer):
-                return memoryview(f.read())
+                data = f.read() if max_size is None else f.read(max_size + 1)
+                if max_size is not None:
+                    _check_size(key, len(data), max_size)
+                return memoryview(data)
             view = memoryview(buffer)[:size]
             filled = 0
             while filled < size:
@@ -104,6 +116,10 @@ class LocalBackend(Backend):
                     try:
                         os.link(tmp, final)
                     except FileExistsError:
+                        # Present, but perhaps linked by a writer that has not fsynced
+                        # the directory yet (or died first): a manifest about to name
+                        # this blob needs its directory entry durable all the same.
+                        self._mark_dirty(directory)
                         return False
                 else:
                     os.replace(tmp, final)
@@ -112,9 +128,12 @@ class LocalBackend(Backend):
                     os.unlink(tmp)
                 except FileNotFoundError:
                     pass
-            with self._lock:
-                self._dirty.add(directory)
+            self._mark_dirty(directory)
             return True
+
+    def _mark_dirty(self, directory: str) -> None:
+        with self._lock:
+            self._dirty.add(directory)
 
     def _makedirs(self, directory: str) -> None:
         # Every directory created here gains an entry in its parent: remember the
@@ -142,11 +161,37 @@ class LocalBackend(Backend):
         await anyio.to_thread.run_sync(self._delete_sync, key)
 
     def _delete_sync(self, key: str) -> None:
+        path = self._path(key)
         with _mapped_errors(key):
             try:
-                os.unlink(self._path(key))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
+        # A removal is durable only once its directory is: flush() fsyncs it.
+        self._mark_dirty(os.path.dirname(path))
+
+    async def remove_temporaries(self, older_than: float) -> int:
+        return await anyio.to_thread.run_sync(self._remove_temporaries_sync, older_than)
+
+    def _remove_temporaries_sync(self, older_than: float) -> int:
+        # A put writes "<dir>/.tmp-<random>" and links or renames it into place; a put
+        # killed in between leaves it, and listings skip such names. One old enough
+        # belongs to no put still running.
+        removed = 0
+        with _mapped_errors(".tmp-*"):
+            for dirpath, _dirs, files in os.walk(self.root):
+                for name in files:
+                    if not name.startswith(_TMP_PREFIX):
+                        continue
+                    path = os.path.join(dirpath, name)
+                    try:
+                        if os.lstat(path).st_mtime >= older_than:
+                            continue
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        continue
+                    removed += 1
+        return removed
 
     async def delete_many(self, keys: list[str]) -> None:
         def delete_all() -> None:
@@ -195,11 +240,16 @@ class _LocalBlocking:
     def __init__(self, backend: LocalBackend) -> None:
         self._backend = backend
 
-    def get_into(self, key: str, buffer: bytearray) -> memoryview:
-        return self._backend._get_into_sync(key, buffer)
+    def get_into(self, key: str, buffer: bytearray, max_size: int | None = None) -> memoryview:
+        return self._backend._get_into_sync(key, buffer, max_size)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         return self._backend._put_sync(key, data, True)
+
+
+def _check_size(key: str, size: int, max_size: int) -> None:
+    if size > max_size:
+        raise too_large(key, size, max_size)
 
 
 def _fsync_dirs(dirs: list[str]) -> None:

@@ -17,7 +17,7 @@ from .._errors import (
     StorageUnavailableError,
     UsageError,
 )
-from ._base import Backend, ObjectInfo
+from ._base import Backend, ObjectInfo, too_large
 
 if TYPE_CHECKING:
     from obstore.store import ObjectStore
@@ -101,10 +101,17 @@ class ObstoreBackend(Backend):
         self.store = store
         self.url = url
 
-    async def get(self, key: str) -> bytes:
+    async def get(self, key: str, *, max_size: int | None = None) -> bytes:
         with map_obstore_errors(key):
             result = await self.store.get_async(key)
-            return bytes(await result.bytes_async())
+            # The size comes with the response's headers: refuse before the body is read.
+            size = int(result.meta["size"])
+            if max_size is not None and size > max_size:
+                raise too_large(key, size, max_size)
+            data = bytes(await result.bytes_async())
+        if max_size is not None and len(data) > max_size:
+            raise too_large(key, len(data), max_size)
+        return data
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         if end <= start:

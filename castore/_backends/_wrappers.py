@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import anyio
 
-from .._errors import CastoreError, StorageUnavailableError
+from .._errors import CastoreError, IntegrityError, StorageUnavailableError
 from ._base import Backend, BackendWrapper, ObjectInfo
 
 __all__ = ["Fault", "FaultBackend", "RetryBackend"]
@@ -56,8 +56,8 @@ class RetryBackend(BackendWrapper):
                 await self._sleep(delay * (0.5 + random.random() / 2))
         raise AssertionError("unreachable")
 
-    async def get(self, key: str) -> bytes:
-        return await self._retry(lambda: self.inner.get(key))
+    async def get(self, key: str, *, max_size: int | None = None) -> bytes:
+        return await self._retry(lambda: self.inner.get(key, max_size=max_size))
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         return await self._retry(lambda: self.inner.get_range(key, start, end))
@@ -78,7 +78,10 @@ class RetryBackend(BackendWrapper):
             if not created and failed_before:
                 # A failed try may have landed with its answer lost: if what is there
                 # is exactly what we sent, this call created it.
-                return await self.inner.get(key) == data
+                try:
+                    return await self.inner.get(key, max_size=len(data)) == data
+                except IntegrityError:  # larger than what we sent: not ours
+                    return False
             return created
 
         try:
@@ -141,6 +144,8 @@ class FaultBackend(BackendWrapper):
         super().__init__(inner)
         self.faults: list[Fault] = []
         self.calls: Counter[str] = Counter()
+        self.keys: Counter[tuple[str, str]] = Counter()
+        """Calls by (operation, key)."""
 
     def inject(self, fault: Fault) -> Fault:
         self.faults.append(fault)
@@ -148,6 +153,7 @@ class FaultBackend(BackendWrapper):
 
     async def _before(self, op: str, key: str) -> None:
         self.calls[op] += 1
+        self.keys[op, key] += 1
         for fault in self.faults:
             if fault.op not in ("*", op) or not key.startswith(fault.key_prefix):
                 continue
@@ -161,9 +167,9 @@ class FaultBackend(BackendWrapper):
                 raise fault.error()
             return
 
-    async def get(self, key: str) -> bytes:
+    async def get(self, key: str, *, max_size: int | None = None) -> bytes:
         await self._before("get", key)
-        return await self.inner.get(key)
+        return await self.inner.get(key, max_size=max_size)
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         await self._before("get_range", key)
