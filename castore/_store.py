@@ -21,7 +21,13 @@ from ._backends import open_backend
 from ._chunking import ChunkParams
 from ._clock import Clock, SystemClock
 from ._dest import KnownRoots, Protected
-from ._errors import CastoreError, CheckpointNotFoundError, SourceNotFoundError, UsageError
+from ._errors import (
+    CastoreError,
+    CheckpointNotFoundError,
+    SourceNotFoundError,
+    StorageError,
+    UsageError,
+)
 from ._gcguard import GcConflict, guard_commit
 from ._gcstate import GcState
 from ._manifest import Manifest, checkpoint_info, validate_key
@@ -228,7 +234,12 @@ class CheckpointStore:
         ref = await self._newest()
         if ref is None:
             return None
-        store_id = await self.repo.store_id()
+        try:
+            store_id = await self.repo.store_id()
+        except StorageError:
+            # A store this process cannot write to (read-only credentials or files) and
+            # that has no id yet: nothing to look up or record known destinations by.
+            store_id = ""
         manifest = await self.repo.read_manifest(ref)
         # The gc state before restoring: a sweep that starts later writes a newer
         # generation, which makes the next save re-check what this load vouches for.
