@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -41,6 +42,8 @@ __all__ = [
     "remove_tree",
     "swap_into_place",
 ]
+
+_log = logging.getLogger("castore")
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 1 << 1
@@ -105,9 +108,8 @@ def swap_into_place(tmp: Path, dest: Path) -> None:
         os.rename(tmp, dest)
         return
     if exchange(tmp, dest):
-        # ``tmp`` now names the old tree. A kill while removing it leaves a stale
-        # sibling that the next restore removes.
-        remove_tree(tmp)
+        # ``tmp`` now names the old tree.
+        _discard(tmp)
         return
     old = new_sibling(dest, "old")
     os.rename(dest, old)
@@ -116,7 +118,16 @@ def swap_into_place(tmp: Path, dest: Path) -> None:
     except BaseException:
         os.rename(old, dest)
         raise
-    remove_tree(old)
+    _discard(old)
+
+
+def _discard(old: Path) -> None:
+    """Remove the replaced tree. The restore is complete: failing here (or being
+    killed) only leaves a stale sibling, which the next restore removes."""
+    try:
+        remove_tree(old)
+    except OSError as exc:
+        _log.warning("castore: could not remove the replaced tree %s: %s", old, exc)
 
 
 def recover(dest: Path) -> list[Path]:

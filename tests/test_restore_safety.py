@@ -256,6 +256,31 @@ async def test_stale_siblings_of_killed_loads_are_removed(tmp_path: Path) -> Non
     assert _siblings(tmp_path) == sorted(unrelated)
 
 
+async def test_a_replaced_tree_that_cannot_be_removed_does_not_fail_the_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _store(tmp_path)
+    src = _tree(tmp_path / "src", "v1")
+    await store.save(src)
+    dest = tmp_path / "dest"
+    await store.load(dest)
+    stuck = dest / "sub" / "note.txt"
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a file immutable here")
+    try:
+        _tree(src, "v2")
+        await store.save(src)
+        with caplog.at_level(logging.WARNING, logger="castore"):
+            assert snapshot(await store.load(dest)) == snapshot(src)  # type: ignore[arg-type]
+        assert "could not remove the replaced tree" in caplog.text
+        assert len(_siblings(tmp_path)) == 1
+    finally:
+        for path in [stuck, *tmp_path.glob(".dest.castore-*/sub/note.txt")]:
+            subprocess.run(["chattr", "-i", str(path)], capture_output=True, check=False)
+    await store.load(dest)
+    assert _siblings(tmp_path) == []
+
+
 async def test_a_running_loads_temporary_is_never_removed(tmp_path: Path) -> None:
     store = _store(tmp_path)
     src = _tree(tmp_path / "src")
