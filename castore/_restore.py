@@ -142,7 +142,14 @@ def _fsync_path(path: Path) -> None:
 
 async def read_payload(repo: Repository, manifest: Manifest, options: RestoreOptions) -> bytes:
     """The single file of a file or bytes checkpoint, in memory, verified."""
-    out = bytearray(manifest.entries[0].size)
+    size = manifest.entries[0].size
+    try:
+        out = bytearray(size)
+    except MemoryError:
+        # A damaged or hostile manifest can claim any size its parts add up to.
+        raise LocalFileError(
+            errno.ENOMEM, f"checkpoint {manifest.id} claims {size} bytes, more than fit in memory"
+        ) from None
     await _write_blobs(repo, _BatchWriter(repo, manifest, {}, _MemorySink(out)), options)
     return bytes(out)
 

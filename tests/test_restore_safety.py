@@ -478,6 +478,8 @@ async def test_18_tib_claimed_is_refused_before_anything_is_written(tmp_path: Pa
         await store.load(tmp_path / "out")
     assert caught.value.errno == errno.ENOSPC
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    with pytest.raises(castore.LocalFileError, match="more than fit in memory"):
+        await store.read()
 
 
 async def test_a_blob_shorter_than_claimed_is_an_integrity_error(tmp_path: Path) -> None:
