@@ -15,6 +15,7 @@ times must be sane (``_modes``) and the checkpoint must fit in the free space.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -76,7 +77,7 @@ async def restore(
     absolute path of the destination."""
     path = Path(await anyio.to_thread.run_sync(os.path.abspath, dest.path))
     await anyio.to_thread.run_sync(check_protected, path, dest.protected)
-    check_mtimes(manifest)
+    await anyio.to_thread.run_sync(check_mtimes, manifest)
     modes = await anyio.to_thread.run_sync(ModePolicy.current, options.restore_special_bits)
     try:
         await anyio.to_thread.run_sync(_make_parent, path)
@@ -93,7 +94,7 @@ async def restore(
                 await anyio.to_thread.run_sync(_swap, tmp, path, dest.durable)
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(remove_tree, tmp)
+                    await anyio.to_thread.run_sync(_remove_quietly, tmp)
                 raise
     except CastoreError:
         raise
@@ -103,6 +104,13 @@ async def restore(
             exc.errno, f"cannot restore into {path}: {exc.strerror or exc}", str(where)
         ) from exc
     return path
+
+
+def _remove_quietly(tmp: Path) -> None:
+    """Remove a failed restore's temporary; the error that failed it is the one to
+    report, and a temporary left behind is removed by the next restore."""
+    with contextlib.suppress(OSError):
+        remove_tree(tmp)
 
 
 def _make_parent(dest: Path) -> None:
