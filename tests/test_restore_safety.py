@@ -583,6 +583,12 @@ def test_cli_load_refuses_with_one_line_and_force_replaces(project: Path, tmp_pa
         )
 
     assert run("save", str(src)).returncode == 0
+    saved = snapshot(src)
+    (src / "weights.bin").write_bytes(b"torn")
+    # The training loop, from a new process: no flag needed for what it saved.
+    resumed = run("load", str(src))
+    assert resumed.returncode == 0, resumed.stderr
+    assert snapshot(src) == saved
     refused = run("load", str(project))
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
