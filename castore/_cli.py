@@ -220,10 +220,17 @@ def save(
 @click.option(
     "--attempt", type=int, default=None, help="Attempt number (default $CASTORE_ATTEMPT or 0)."
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace DEST even if it holds files this store did not put there.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def load(dest: Path, url: str | None, key: str, attempt: int | None, as_json: bool) -> None:
+def load(
+    dest: Path, url: str | None, key: str, attempt: int | None, force: bool, as_json: bool
+) -> None:
     """Restore the newest checkpoint into DEST (DEST becomes exactly its tree)."""
-    path = _store(url, key, attempt).load_sync(dest)
+    path = _store(url, key, attempt).load_sync(dest, overwrite=force)
     if path is None:
         raise castore.CheckpointNotFoundError(f"key {key!r} has no checkpoint")
     _emit(as_json, {"path": str(path)}, f"restored {path}")

@@ -1,18 +1,25 @@
 """The restore pipeline: plan → concurrent fetch → verify/decompress → write at offsets
-into preallocated files inside a temporary sibling of the destination → atomic rename.
+into preallocated files inside a temporary sibling of the destination → atomic swap.
 
 The destination is replaced only after every byte is verified and written: a restore
 that fails, for any reason, leaves it exactly as it was. Nothing is ever written
 through a symlink: the manifest guarantees every entry's parent is a directory entry,
 files are created with O_EXCL|O_NOFOLLOW in a fresh directory, and symlinks are
 created last.
+
+Before anything is written: the destination must be one a restore may replace
+(``_dest``), no other restore of it may be running (a lock beside it, held to the
+end), leftovers of killed restores are repaired or removed (``_swap``), modification
+times must be sane (``_modes``) and the checkpoint must fit in the free space.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -22,22 +29,43 @@ import anyio.to_thread
 
 from ._budget import ByteBudget
 from ._codec import decode_blob_into, hash_bytes
-from ._errors import UsageError
+from ._dest import Protected, check_contents, check_protected
+from ._errors import CastoreError, IntegrityError, LocalFileError
 from ._fileio import pwrite_all
 from ._manifest import Manifest
+from ._modes import ModePolicy, check_mtimes
 from ._repository import Repository
 from ._scan import present_files
+from ._swap import lock_destination, new_sibling, recover, remove_tree, swap_into_place
 from ._taskgroup import task_group
 
-__all__ = ["RestoreOptions", "read_payload", "restore"]
+__all__ = ["Destination", "RestoreOptions", "read_payload", "restore"]
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
 @dataclass(frozen=True)
 class RestoreOptions:
     max_bytes_in_flight: int = 64 * 1024 * 1024
     workers: int = field(default_factory=lambda: os.cpu_count() or 2)
+    restore_special_bits: bool = False
+    """Restore setuid, setgid and sticky bits (dropped by default)."""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a restore goes and what it may replace there."""
+
+    path: Path
+    protected: Protected
+    known: Callable[[Path], bool] = lambda path: False
+    """Whether this store saved from or restored into ``path`` before."""
+    remember: Callable[[Path], None] = lambda path: None
+    """Called once ``path`` may be replaced, before anything is written to it."""
+    overwrite: bool = False
+    durable: bool = False
+    """fsync every restored file and directory before the swap, the parent after."""
 
 
 Target = tuple[str, int, int, int]
@@ -45,27 +73,94 @@ Target = tuple[str, int, int, int]
 
 
 async def restore(
-    repo: Repository, manifest: Manifest, dest: Path, options: RestoreOptions
+    repo: Repository, manifest: Manifest, dest: Destination, options: RestoreOptions
 ) -> Path:
-    """Restore ``manifest`` so that ``dest`` becomes exactly its tree; returns the
-    absolute path of ``dest``."""
-    dest = await anyio.to_thread.run_sync(_check_dest, dest)
-    tmp = dest.parent / f".{dest.name}.castore-{os.urandom(4).hex()}.tmp"
+    """Restore ``manifest`` so that ``dest.path`` becomes exactly its tree; returns the
+    absolute path of the destination."""
+    path = Path(await anyio.to_thread.run_sync(os.path.abspath, dest.path))
+    await anyio.to_thread.run_sync(check_protected, path, dest.protected)
+    await anyio.to_thread.run_sync(check_mtimes, manifest)
+    modes = await anyio.to_thread.run_sync(ModePolicy.current, options.restore_special_bits)
     try:
-        await anyio.to_thread.run_sync(_prepare_tree, tmp, manifest)
-        await _fill_files(repo, manifest, dest, tmp, options)
-        await anyio.to_thread.run_sync(_finish_tree, tmp, manifest)
-        await anyio.to_thread.run_sync(_swap_into_place, tmp, dest)
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_remove_tree, tmp)
+        await anyio.to_thread.run_sync(_make_parent, path)
+        async with lock_destination(path):
+            await anyio.to_thread.run_sync(recover, path)
+            known = await anyio.to_thread.run_sync(dest.known, path)
+            await anyio.to_thread.run_sync(check_contents, path, known, dest.overwrite)
+            await anyio.to_thread.run_sync(_check_space, path, manifest)
+            await anyio.to_thread.run_sync(dest.remember, path)
+            tmp = new_sibling(path, "tmp")
+            try:
+                await anyio.to_thread.run_sync(_prepare_tree, tmp, manifest)
+                await _fill_files(repo, manifest, path, tmp, options)
+                await anyio.to_thread.run_sync(_finish_tree, tmp, manifest, modes, dest.durable)
+                await anyio.to_thread.run_sync(_swap, tmp, path, dest.durable)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(_remove_quietly, tmp)
+                raise
+    except CastoreError:
         raise
-    return dest
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else path
+        raise LocalFileError(
+            exc.errno, f"cannot restore into {path}: {exc.strerror or exc}", str(where)
+        ) from exc
+    return path
+
+
+def _remove_quietly(tmp: Path) -> None:
+    """Remove a failed restore's temporary; the error that failed it is the one to
+    report, and a temporary left behind is removed by the next restore."""
+    with contextlib.suppress(OSError):
+        remove_tree(tmp)
+
+
+def _make_parent(dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _check_space(dest: Path, manifest: Manifest) -> None:
+    """LocalFileError (ENOSPC) if the checkpoint's files cannot fit beside ``dest``:
+    a damaged or hostile manifest can claim terabytes, which preallocating would
+    only find out after filling the disk."""
+    needed = sum(entry.size for entry in manifest.entries)
+    st = os.statvfs(dest.parent)
+    blocks = st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail
+    free = blocks * st.f_frsize
+    if needed > free:
+        raise LocalFileError(
+            errno.ENOSPC,
+            f"checkpoint {manifest.id} needs {needed} bytes but the file system of "
+            f"{dest.parent} has {free} free; nothing was written",
+            str(dest),
+        )
+
+
+def _swap(tmp: Path, dest: Path, durable: bool) -> None:
+    swap_into_place(tmp, dest)
+    if durable:
+        _fsync_path(dest.parent)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 async def read_payload(repo: Repository, manifest: Manifest, options: RestoreOptions) -> bytes:
     """The single file of a file or bytes checkpoint, in memory, verified."""
-    out = bytearray(manifest.entries[0].size)
+    size = manifest.entries[0].size
+    try:
+        out = bytearray(size)
+    except MemoryError:
+        # A damaged or hostile manifest can claim any size its parts add up to.
+        raise LocalFileError(
+            errno.ENOMEM, f"checkpoint {manifest.id} claims {size} bytes, more than fit in memory"
+        ) from None
     await _write_blobs(repo, _BatchWriter(repo, manifest, {}, _MemorySink(out)), options)
     return bytes(out)
 
@@ -208,6 +303,12 @@ class _BatchWriter:
                     assert self.blocking is not None, "remote blobs are fetched beforehand"
                     encoded = self.blocking.get_blob_encoded_into(blob_id, encoded_buffer)
                 raw = decode_blob_into(blob_id, encoded, raw_buffer)
+                if len(raw) != self.manifest.blobs[index][1]:
+                    # The slices below would silently write short.
+                    raise IntegrityError(
+                        f"blob {blob_id} holds {len(raw)} bytes, but checkpoint "
+                        f"{self.manifest.id} claims {self.manifest.blobs[index][1]}"
+                    )
             self._write(index, raw)
 
     def _buffers(self) -> tuple[bytearray, bytearray]:
@@ -268,14 +369,6 @@ class _MemorySink:
         self.out[offset : offset + len(data)] = data
 
 
-def _check_dest(dest: Path) -> Path:
-    dest = Path(os.path.abspath(dest))
-    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
-        raise UsageError(f"restore destination exists and is not a directory: {dest}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    return dest
-
-
 def _prepare_tree(tmp: Path, manifest: Manifest) -> None:
     os.mkdir(tmp, 0o700)
     root = str(tmp)
@@ -298,7 +391,10 @@ def _prepare_tree(tmp: Path, manifest: Manifest) -> None:
                 os.close(fd)
 
 
-def _finish_tree(tmp: Path, manifest: Manifest) -> None:
+def _finish_tree(tmp: Path, manifest: Manifest, modes: ModePolicy, durable: bool) -> None:
+    """Symlinks, times and modes; with ``durable``, fsync every file and directory.
+    Each is set through a descriptor opened while the entry is still writable by us,
+    so a mode without read permission does not stop the fsync."""
     root = str(tmp)
     for entry in manifest.entries:
         path = os.path.join(root, entry.path)
@@ -306,39 +402,27 @@ def _finish_tree(tmp: Path, manifest: Manifest) -> None:
             assert entry.target is not None
             os.symlink(entry.target, path)
         elif entry.type == "file":
-            if entry.mtime_ns is not None:
-                os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns))
-            os.chmod(path, entry.mode)
+            fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW)
+            try:
+                if entry.mtime_ns is not None:
+                    os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+                os.fchmod(fd, modes(entry.mode))
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
     # Deepest first, so a read-only directory is locked only after its children exist.
-    for entry in sorted(manifest.entries, key=lambda e: -e.path.count("/")):
-        if entry.type == "dir":
-            os.chmod(os.path.join(root, entry.path), entry.mode)
-    os.chmod(root, 0o755)
+    dirs = [e for e in manifest.entries if e.type == "dir"]
+    for entry in sorted(dirs, key=lambda e: -e.path.count("/")):
+        _finish_dir(os.path.join(root, entry.path), modes(entry.mode), durable)
+    _finish_dir(root, 0o755, durable)
 
 
-def _swap_into_place(tmp: Path, dest: Path) -> None:
-    if not dest.exists():
-        os.rename(tmp, dest)
-        return
-    old = dest.parent / f".{dest.name}.castore-{os.urandom(4).hex()}.old"
-    os.rename(dest, old)
+def _finish_dir(path: str, mode: int, durable: bool) -> None:
+    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW)
     try:
-        os.rename(tmp, dest)
-    except BaseException:
-        os.rename(old, dest)
-        raise
-    _remove_tree(old)
-
-
-def _remove_tree(path: Path) -> None:
-    if not os.path.lexists(path):
-        return
-    if not os.path.islink(path):
-        # A restored read-only directory cannot be emptied until it is writable again.
-        os.chmod(path, 0o700)
-        for dirpath, dirnames, _ in os.walk(path):
-            for name in dirnames:
-                sub = os.path.join(dirpath, name)
-                if not os.path.islink(sub):
-                    os.chmod(sub, 0o700)
-    shutil.rmtree(path)
+        os.fchmod(fd, mode)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -20,6 +20,7 @@ import blake3
 from ._backends import open_backend
 from ._chunking import ChunkParams
 from ._clock import Clock, SystemClock
+from ._dest import KnownRoots, Protected
 from ._errors import (
     BlobMissingError,
     CastoreError,
@@ -33,7 +34,7 @@ from ._gcguard import confirm_commit, guard_commit
 from ._gcstate import GcSnapshot, GcState
 from ._manifest import Manifest, checkpoint_info, validate_key
 from ._repository import ManifestRef, Repository
-from ._restore import RestoreOptions, read_payload, restore
+from ._restore import Destination, RestoreOptions, read_payload, restore
 from ._save import SaveOptions, SavePipeline, SaveResult
 from ._scan import scan_file, scan_tree
 from ._statcache import StatCache
@@ -78,8 +79,9 @@ class CheckpointStore:
     Options: ``chunk_min_size``, ``chunk_avg_size``, ``chunk_max_size``,
     ``compression_level`` (0 = off), ``small_file_limit``, ``bundle_size``,
     ``max_bytes_in_flight``, ``workers``, ``stat_cache`` (default True),
-    ``cache_dir``; every other option goes to the object store's client (``endpoint``,
-    ``region``, ``allow_http``, ``timeout``, ``retries``…).
+    ``cache_dir``, ``restore_special_bits`` (default False: setuid, setgid and sticky
+    bits are dropped on restore); every other option goes to the object store's client
+    (``endpoint``, ``region``, ``allow_http``, ``timeout``, ``retries``…).
     """
 
     def __init__(
@@ -223,6 +225,8 @@ class CheckpointStore:
                     await self._gc_state.delete_claim(claim)
         if cache is not None:
             await anyio.to_thread.run_sync(cache.save, root)
+        if kind == "dir":  # a later load() may replace this directory without overwrite=True
+            await anyio.to_thread.run_sync(KnownRoots(self._cache_dir, store_id).add, Path(root))
         if damaged & pipeline.stored:
             await self._clear_damage(pipeline.stored)
         self._parent = manifest.id
@@ -235,18 +239,37 @@ class CheckpointStore:
         except CastoreError as exc:
             _log.warning("castore: could not clear the store's damage records: %s", exc)
 
-    async def load(self, dest: str | os.PathLike[str] | None = None) -> Path | None:
+    async def load(
+        self,
+        dest: str | os.PathLike[str] | None = None,
+        *,
+        overwrite: bool = False,
+        durable: bool = False,
+    ) -> Path | None:
         """Restore the newest committed checkpoint of this key from this or any earlier
         attempt into ``dest`` (a new temporary directory if None) and return the
         restored path: ``dest`` for a directory, ``dest/<name>`` for a file,
         ``dest/"payload"`` for bytes. None if there is no checkpoint yet.
 
         ``dest`` becomes exactly the checkpoint's tree; it is replaced only after every
-        byte was fetched and verified, so a failed load leaves it as it was.
+        byte was fetched and verified, so a failed load leaves it as it was. It is
+        replaced only if it is missing or empty, or this store saved from or restored
+        into it before, or ``overwrite`` is True; never if it is or contains the store,
+        the cache directory, the current or the home directory (DestinationError).
+
+        ``durable``: fsync every restored file and directory before the swap and the
+        parent directory after it, so the checkpoint survives a power cut once this
+        returns (docs/design.md gives the cost).
         """
         manifest, refs = await self._newest_intact()
         if manifest is None:
             return None
+        try:
+            store_id = await self.repo.store_id()
+        except CastoreError:
+            # A store without an id that this process may not create (read-only): no
+            # known destinations to look up or record.
+            store_id = ""
         # The gc state before restoring: a sweep that starts later writes a newer
         # generation, which makes the next save re-check what this load vouches for.
         primes = self._stat_cache and manifest.kind != "bytes"
@@ -255,8 +278,19 @@ class CheckpointStore:
             import tempfile
 
             dest = await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="castore-"))
+        roots = KnownRoots(self._cache_dir, store_id)
+        where = Destination(
+            Path(dest),
+            Protected(self.repo.backend.local_root, self._cache_dir),
+            known=roots.__contains__,
+            # Before the swap: a load killed right after it leaves a tree that the next
+            # load (the job's retry) must be allowed to replace.
+            remember=roots.add,
+            overwrite=overwrite,
+            durable=durable,
+        )
         try:
-            target = await restore(self.repo, manifest, Path(dest), self._restore_options)
+            target = await restore(self.repo, manifest, where, self._restore_options)
         except IntegrityError as exc:
             raise await self._unrestorable(manifest, refs, exc) from exc
         if gc_at_start is not None:
@@ -337,8 +371,14 @@ class CheckpointStore:
     ) -> CheckpointInfo:
         return run_sync(functools.partial(self.save, data, metadata=metadata, pin=pin))
 
-    def load_sync(self, dest: str | os.PathLike[str] | None = None) -> Path | None:
-        return run_sync(self.load, dest)
+    def load_sync(
+        self,
+        dest: str | os.PathLike[str] | None = None,
+        *,
+        overwrite: bool = False,
+        durable: bool = False,
+    ) -> Path | None:
+        return run_sync(functools.partial(self.load, dest, overwrite=overwrite, durable=durable))
 
     def prev_exists_sync(self) -> bool:
         return run_sync(self.prev_exists)
@@ -529,6 +569,9 @@ def _split_options(options: dict[str, Any]) -> tuple[_OwnOptions, dict[str, Any]
     stat_cache = rest.pop("stat_cache", True)
     if not isinstance(stat_cache, bool):
         raise UsageError(f"option stat_cache must be True or False, got {stat_cache!r}")
+    special_bits = rest.pop("restore_special_bits", False)
+    if not isinstance(special_bits, bool):
+        raise UsageError(f"option restore_special_bits must be True or False, got {special_bits!r}")
     cache_dir = rest.pop("cache_dir", None)
     clock = rest.pop("clock", None) or SystemClock()
     defaults = ChunkParams()
@@ -540,7 +583,7 @@ def _split_options(options: dict[str, Any]) -> tuple[_OwnOptions, dict[str, Any]
         )
         restore_fields = {k: ints[k] for k in ("max_bytes_in_flight", "workers") if k in ints}
         save = SaveOptions(chunks=chunks, **ints)
-        restore_options = RestoreOptions(**restore_fields)
+        restore_options = RestoreOptions(**restore_fields, restore_special_bits=special_bits)
     except ValueError as exc:
         raise UsageError(f"invalid option: {exc}") from exc
     own = _OwnOptions(

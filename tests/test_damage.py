@@ -121,7 +121,7 @@ async def test_load_of_a_checkpoint_with_a_missing_blob_names_it_and_the_older_o
     dest.mkdir()
     (dest / "keep.txt").write_text("mine")
     with pytest.raises(castore.BlobMissingError) as raised:
-        await _store(url, tmp_path).load(dest)
+        await _store(url, tmp_path).load(dest, overwrite=True)
     message = str(raised.value)
     assert raised.value.blob_id == lost
     assert lost in message and newest.id in message and older.id in message

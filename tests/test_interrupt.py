@@ -56,9 +56,9 @@ class Gate(BackendWrapper):
         await self._gate(key)
         return await self.inner.put_if_absent(key, data)
 
-    async def get(self, key):
+    async def get(self, key, *, max_size=None):
         await self._gate(key)
-        return await self.inner.get(key)
+        return await self.inner.get(key, max_size=max_size)
 
 
 _init = castore.CheckpointStore.__init__

@@ -142,13 +142,13 @@ async def test_corrupt_blob_fails_the_load_and_leaves_dest_untouched(tmp_path: P
     data[-100] ^= 0xFF
     victim.write_bytes(bytes(data))
     with pytest.raises(castore.IntegrityError):
-        await store.load(dest)
+        await store.load(dest, overwrite=True)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".dest")] == []
     assert sorted(p.name for p in dest.iterdir()) == ["precious.txt"]
 
     victim.unlink()
     with pytest.raises(castore.IntegrityError, match="missing"):
-        await store.load(dest)
+        await store.load(dest, overwrite=True)
     assert sorted(p.name for p in dest.iterdir()) == ["precious.txt"]
 
 
@@ -172,7 +172,7 @@ async def test_load_replaces_an_existing_destination(url: str, tmp_path: Path) -
     await store.save(_tree(tmp_path / "src"))
     dest = tmp_path / "dest"
     (dest / "stale").mkdir(parents=True)
-    await store.load(dest)
+    await store.load(dest, overwrite=True)
     assert sorted(p.name for p in dest.iterdir()) == ["sub", "weights.bin"]
 
 
