@@ -18,9 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,13 +94,6 @@ class KillPoint:
     """The phase of the event at that position in the counting run."""
 
 
-@dataclass(frozen=True)
-class Outcome:
-    killed: bool
-    phase: str | None
-    """The phase of the event the child died at (from the child itself)."""
-
-
 def run_child(spec: dict[str, Any], work: Path) -> tuple[int, str]:
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
@@ -122,16 +114,15 @@ def count_events(spec: dict[str, Any], work: Path) -> list[tuple[str, str, int]]
     return [tuple(json.loads(line)) for line in log.read_text().splitlines()]  # type: ignore[misc]
 
 
-def kill_child(spec: dict[str, Any], point: KillPoint, work: Path) -> Outcome:
+def kill_child(spec: dict[str, Any], point: KillPoint, work: Path) -> str:
+    """Run the child until it kills itself at ``point``; the phase it died in (threads
+    may order events differently from the counting run, so it is the child's word)."""
     log = work / "killed.jsonl"
     log.unlink(missing_ok=True)
     code, err = run_child({**spec, "kill": [point.kind, point.n], "log": str(log)}, work)
-    if code == 0:
-        # Threads can reorder events between runs: the position was never reached.
-        return Outcome(False, None)
-    assert code == -9, f"child failed rather than being killed at {point}: {err}"
+    assert code == -9, f"child was not killed at {point} (exit {code}): {err}"
     _, _, phase, _ = json.loads(log.read_text())
-    return Outcome(True, phase)
+    return str(phase)
 
 
 def choose_points(events: list[tuple[str, str, int]], budget: Mapping[str, int]) -> list[KillPoint]:
@@ -176,10 +167,11 @@ def kill_everywhere(
     points: list[KillPoint],
     tally: Tally,
     prepare: Callable[[Path], None],
-    check: Callable[[Path], None],
+    check: Callable[[Path], int],
 ) -> None:
     """For each point: a fresh copy of ``base`` in a lane, ``prepare(lane)``, the child
-    killed there, then ``check(lane)``. Fails once at the end, naming every point
+    killed there, then ``check(lane)`` (which returns the bytes of committed
+    checkpoints it restored and compared). Fails once at the end, naming every point
     whose check failed."""
     lanes: queue.Queue[Path] = queue.Queue()
     for i in range(PARALLEL):
@@ -190,13 +182,13 @@ def kill_everywhere(
         try:
             fresh_copy(base, work)
             prepare(work)
-            outcome = kill_child(spec(work), point, work)
-            assert outcome.killed, f"{point} was never reached"
-            tally.add(outcome, point)
+            phase = kill_child(spec(work), point, work)
             try:
-                check(work)
+                checked = check(work)
             except Exception as exc:  # a castore error here is a failed check too
-                return f"{point} (died in {outcome.phase}): {type(exc).__name__}: {exc}"
+                tally.add(point, phase, None, work)
+                return f"{point} (died in {phase}): {type(exc).__name__}: {exc}"
+            tally.add(point, phase, checked, work)
             return None
         finally:
             lanes.put(work)
@@ -209,6 +201,10 @@ def kill_everywhere(
 # -- the checks --------------------------------------------------------------------------
 
 
+def tree_bytes(tree: Tree) -> int:
+    return sum(len(content) for kind, _, content in tree.values() if kind == "file")
+
+
 def load_tree(root: Path, attempt: int, into: Path) -> Tree:
     """The checkpoint ``load()`` picks for ``attempt``, restored into a fresh dir."""
     with store(root, attempt, stat_cache=False) as s:
@@ -219,16 +215,16 @@ def load_tree(root: Path, attempt: int, into: Path) -> Tree:
     return tree
 
 
-def check_store(root: Path, expected: dict[int, Tree], must_exist: set[int], scratch: Path) -> None:
+def check_store(root: Path, expected: dict[int, Tree], must_exist: set[int], scratch: Path) -> int:
     """Every committed checkpoint restores exactly the tree saved for it (checkpoints
     are told apart by attempt: one save per attempt), the ones in ``must_exist``
-    exist, and ``verify --full`` is clean."""
+    exist, and ``verify --full`` is clean. Returns the bytes restored and compared."""
     url = (root / "store").as_uri()
     if not (root / "store" / "castore.json").exists():
         # Killed before the store existed: nothing can be committed.
         assert not must_exist
         assert not list((root / "store").rglob("manifests/*/*"))
-        return
+        return 0
     maintenance = castore.Maintenance(url)
     infos = maintenance.checkpoints_sync()
     attempts = [i.attempt for i in infos]
@@ -239,13 +235,16 @@ def check_store(root: Path, expected: dict[int, Tree], must_exist: set[int], scr
         assert load_tree(root, attempt, scratch / "check") == expected[attempt]
     report = maintenance.verify_sync(full=True)
     assert report.ok, report.problems
+    return sum(tree_bytes(expected[a]) for a in attempts)
 
 
-def check_next_save(root: Path, src: Path, attempt: int, scratch: Path) -> None:
+def check_next_save(root: Path, src: Path, attempt: int, scratch: Path) -> int:
     """The next save after the kill works, and restores what it saved."""
     with store(root, attempt, cache_dir=root / "cache") as s:
         s.save_sync(src)
-    assert load_tree(root, attempt, scratch / "next") == snapshot(src)
+    tree = snapshot(src)
+    assert load_tree(root, attempt, scratch / "next") == tree
+    return tree_bytes(tree)
 
 
 def fresh_copy(base: Path, work: Path) -> Path:
@@ -273,20 +272,29 @@ def _rmtree(path: Path) -> None:
 
 
 class Tally:
-    """Kill points by operation and phase, appended to ``$CASTORE_FAULTS_REPORT``
-    (JSON lines) when set, for docs/reliability.md."""
+    """Kill points of one test, appended as JSON lines to ``$CASTORE_FAULTS_REPORT``
+    when it is set (``python tests/faults/figures.py`` sums them up): the phase the
+    child died in, whether every check passed, the bytes of checkpoints restored and
+    compared, and the temporary files left behind (which later runs clean up, or
+    will: issue 20, "Leftovers")."""
 
     def __init__(self, op: str) -> None:
         self.op = op
-        self.phases: Counter[str] = Counter()
         self.lock = threading.Lock()
 
-    def add(self, outcome: Outcome, point: KillPoint) -> None:
+    def add(self, point: KillPoint, phase: str, checked: int | None, work: Path) -> None:
         path = os.environ.get("CASTORE_FAULTS_REPORT")
-        with self.lock:
-            self.phases[outcome.phase or "not reached"] += 1
-            if not path:
-                return
-            with open(path, "a") as f:
-                row = {"op": self.op, "kind": point.kind, "n": point.n, "phase": outcome.phase}
-                f.write(json.dumps(row) + "\n")
+        if not path:
+            return
+        row = {
+            "op": self.op,
+            "kind": point.kind,
+            "n": point.n,
+            "phase": phase,
+            "survived": checked is not None,
+            "checked_bytes": checked or 0,
+            "store_tmp_files": len(list((work / "store").rglob(".tmp-*"))),
+            "dest_siblings": len(list(work.glob(".dest.castore-*"))),
+        }
+        with self.lock, open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -24,6 +24,7 @@ from faultlib import (
     fresh_copy,
     kill_everywhere,
     store,
+    tree_bytes,
 )
 from treeutil import snapshot
 
@@ -46,8 +47,8 @@ def _prepare(over: bool) -> Callable[[Path], None]:
     return prepare
 
 
-def _check(scenarios: Scenarios, over: bool) -> Callable[[Path], None]:
-    def check(work: Path) -> None:
+def _check(scenarios: Scenarios, over: bool) -> Callable[[Path], int]:
+    def check(work: Path) -> int:
         dest = work / "dest"
         state: Tree | None = snapshot(dest) if os.path.lexists(dest) else None
         old = scenarios.tree1 if over else None
@@ -55,11 +56,12 @@ def _check(scenarios: Scenarios, over: bool) -> Callable[[Path], None]:
             "destination is neither its old content nor the checkpoint: "
             + ("missing" if state is None else "mixed")
         )
-        check_store(work, {0: scenarios.tree1, 1: scenarios.tree2}, {0, 1}, work)
+        checked = check_store(work, {0: scenarios.tree1, 1: scenarios.tree2}, {0, 1}, work)
+        # Loading again over whatever the kill left works.
         with store(work, 1, cache_dir=work / "cache") as s:
             assert s.load_sync(dest) == dest
         assert snapshot(dest) == scenarios.tree2
-        check_next_save(work, scenarios.src, 5, work)
+        return checked + tree_bytes(scenarios.tree2) + check_next_save(work, scenarios.src, 5, work)
 
     return check
 

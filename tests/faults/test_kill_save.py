@@ -48,8 +48,7 @@ def test_kill_save_anywhere(scenarios: Scenarios, tmp_path: Path, which: str) ->
     assert {"blob upload", "manifest commit", "stat-cache write"} <= {p.phase for p in points}
     assert len(points) >= 25
 
-    def check(work: Path) -> None:
-        check_store(work, expected, committed, work)
-        check_next_save(work, src, 5, work)
+    def check(work: Path) -> int:
+        return check_store(work, expected, committed, work) + check_next_save(work, src, 5, work)
 
     kill_everywhere(spec, base, tmp_path, points, Tally(f"save-{which}"), lambda _: None, check)
