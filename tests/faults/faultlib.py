@@ -106,6 +106,33 @@ def run_child(spec: dict[str, Any], work: Path) -> tuple[int, str]:
     return proc.returncode, proc.stderr
 
 
+class Forker:
+    """A ``killdriver.py --serve`` process: runs each spec in a child forked from an
+    interpreter that has castore imported already."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(DRIVER), "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self, spec: dict[str, Any], work: Path) -> tuple[int, str]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        spec_path = work / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        self.proc.stdin.write(f"{spec_path}\n")
+        self.proc.stdin.flush()
+        code = int(self.proc.stdout.readline())
+        return code, Path(f"{spec_path}.stderr").read_text()
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
 def count_events(spec: dict[str, Any], work: Path) -> list[tuple[str, str, int]]:
     """Run the operation to the end, counting: the events it makes, in order."""
     log = work / "events.jsonl"
@@ -114,12 +141,12 @@ def count_events(spec: dict[str, Any], work: Path) -> list[tuple[str, str, int]]
     return [tuple(json.loads(line)) for line in log.read_text().splitlines()]  # type: ignore[misc]
 
 
-def kill_child(spec: dict[str, Any], point: KillPoint, work: Path) -> str:
+def kill_child(spec: dict[str, Any], point: KillPoint, work: Path, forker: Forker) -> str:
     """Run the child until it kills itself at ``point``; the phase it died in (threads
     may order events differently from the counting run, so it is the child's word)."""
     log = work / "killed.jsonl"
     log.unlink(missing_ok=True)
-    code, err = run_child({**spec, "kill": [point.kind, point.n], "log": str(log)}, work)
+    code, err = forker.run({**spec, "kill": [point.kind, point.n], "log": str(log)}, work)
     assert code == -9, f"child was not killed at {point} (exit {code}): {err}"
     _, _, phase, _ = json.loads(log.read_text())
     return str(phase)
@@ -156,8 +183,8 @@ def child_spec(op: str, work: Path, attempt: int, **extra: str) -> dict[str, Any
 
 
 PARALLEL = 2
-"""Kill points run two at a time, each in a lane (work directory) of its own: most of
-a point's time is a child starting and waiting on the disk."""
+"""Kill points run two at a time, each in a lane (a work directory and a forker) of
+its own."""
 
 
 def kill_everywhere(
@@ -173,16 +200,17 @@ def kill_everywhere(
     killed there, then ``check(lane)`` (which returns the bytes of committed
     checkpoints it restored and compared). Fails once at the end, naming every point
     whose check failed."""
-    lanes: queue.Queue[Path] = queue.Queue()
-    for i in range(PARALLEL):
-        lanes.put(work_root / f"lane-{i}")
+    lanes: queue.Queue[tuple[Path, Forker]] = queue.Queue()
+    forkers = [Forker() for _ in range(PARALLEL)]
+    for i, forker in enumerate(forkers):
+        lanes.put((work_root / f"lane-{i}", forker))
 
     def run(point: KillPoint) -> str | None:
-        work = lanes.get()
+        work, forker = lane = lanes.get()
         try:
             fresh_copy(base, work)
             prepare(work)
-            phase = kill_child(spec(work), point, work)
+            phase = kill_child(spec(work), point, work, forker)
             try:
                 checked = check(work)
             except Exception as exc:  # a castore error here is a failed check too
@@ -191,10 +219,14 @@ def kill_everywhere(
             tally.add(point, phase, checked, work)
             return None
         finally:
-            lanes.put(work)
+            lanes.put(lane)
 
-    with ThreadPoolExecutor(PARALLEL) as pool:
-        failures = [f for f in pool.map(run, points) if f is not None]
+    try:
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            failures = [f for f in pool.map(run, points) if f is not None]
+    finally:
+        for forker in forkers:
+            forker.close()
     assert not failures, "\n".join(failures)
 
 

@@ -12,7 +12,8 @@ from collections import Counter
 
 
 def main(path: str) -> None:
-    rows = [json.loads(line) for line in open(path)]
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
     by_phase: Counter[tuple[str, str]] = Counter()
     by_kind: Counter[str] = Counter()
     survived: Counter[tuple[str, str]] = Counter()

@@ -1,10 +1,15 @@
 """Child side of the kill-point suite: run one castore operation on a local store and,
 if asked, SIGKILL this process at the Nth event of one kind.
 
-Usage: ``python killdriver.py SPEC.json``. The spec names the operation (``save``,
-``load`` or ``gc``), its arguments, ``kill`` (``[kind, n]`` or null) and ``log`` (a
-path). Events are the real calls of the local fast path, counted by wrapping them in
-this process only:
+Usage: ``python killdriver.py SPEC.json`` runs one spec. ``python killdriver.py
+--serve`` imports castore once, then for each spec path read from stdin forks a child
+that runs it, and prints the child's exit code (-9: killed): each kill point still
+gets a process of its own, without paying the interpreter's start and imports each
+time. The spec names the operation (``save``, ``load`` or ``gc``), its arguments,
+``kill`` (``[kind, n]`` or null) and ``log`` (a path).
+
+Events are the real calls of the local fast path, counted by wrapping them in the
+child only:
 
     put     LocalBackend._put_sync (one object written to the store)
     fsync   os.fsync
@@ -27,6 +32,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +46,9 @@ class Recorder:
         self.counts = dict.fromkeys(KINDS, 0)
         self.lock = threading.Lock()
         self.local = threading.local()
-        self.log = open(log_path, "w")  # noqa: SIM115 - kept open until the process ends
+        # Line-buffered: nothing may wait in a buffer for an interpreter shutdown that
+        # does not flush it (or for a SIGKILL).
+        self.log = open(log_path, "w", buffering=1)  # noqa: SIM115 - open until the end
         self.manifest_put = False
         # A killed process leaves the page cache to the kernel, so what a kill leaves
         # does not depend on whether fsync reached the disk: counting the calls is
@@ -94,7 +102,6 @@ class Recorder:
                 self.log.write(json.dumps([kind, label, amount]) + "\n")
             elif dies:
                 self.log.write(json.dumps([kind, self.kill_at, label, path]) + "\n")
-                self.log.flush()
         return self.kill_at - 1 - before if dies else amount
 
     @staticmethod
@@ -181,6 +188,32 @@ def run(spec: dict[str, Any]) -> None:
         raise SystemExit(f"unknown operation {op!r}")
 
 
+def serve() -> None:
+    import castore  # noqa: F401 - imported once here; every child is forked after it
+
+    for line in sys.stdin:
+        spec_path = line.strip()
+        pid = os.fork()
+        if pid == 0:  # the child: run the spec, never return into this loop
+            code = 0
+            try:
+                err = os.open(spec_path + ".stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(err, 2)
+                with open(spec_path) as f:
+                    run(json.load(f))
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), flush=True)
+
+
 if __name__ == "__main__":
-    with open(sys.argv[1]) as f:
-        run(json.load(f))
+    if sys.argv[1] == "--serve":
+        serve()
+    else:
+        with open(sys.argv[1]) as f:
+            run(json.load(f))
