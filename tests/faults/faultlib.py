@@ -39,7 +39,7 @@ OPTIONS: dict[str, Any] = dict(
     bundle_size=16 * 1024,
     workers=2,
 )
-"""Small chunks and bundles: a tree of ~1.3 MiB makes tens of blob puts."""
+"""Small chunks and bundles: a tree of about 1 MiB makes tens of blob puts."""
 
 Tree = dict[str, tuple[str, int, bytes | str]]
 """What ``treeutil.snapshot`` returns: path -> (type, mode, content or link target)."""
