@@ -13,7 +13,8 @@ child only:
 
     put     LocalBackend._put_sync (one object written to the store)
     fsync   os.fsync
-    rename  os.rename, os.replace, os.link
+    rename  os.rename, os.replace, os.link (and the restore's atomic exchange, where
+            castore has one)
     write   os.pwrite, counted in bytes: kill at byte n writes bytes before it first,
             so a write can be torn in the middle
     unlink  os.unlink
@@ -148,6 +149,14 @@ def install(rec: Recorder) -> None:
             real_fsync(fd)
 
     os.fsync = fsync
+    try:
+        # Where the restore swaps with one renameat2(RENAME_EXCHANGE) call (issue 20
+        # item 6), that call is a rename event too.
+        from castore import _swap  # type: ignore[attr-defined]
+    except ImportError:
+        pass
+    else:
+        _swap.exchange = counted("rename", _swap.exchange)
     os.rename = counted("rename", os.rename)
     os.replace = counted("rename", os.replace)
     os.link = counted("rename", os.link)
