@@ -71,7 +71,9 @@ class Recorder:
             if kind == "write":
                 return "restore fill"
             if kind == "rename":
-                return "swap"
+                # The restore's own siblings are named .<dest>.castore-*; anything else
+                # renamed into place is a local cache file.
+                return "swap" if ".castore-" in path else "cache write"
             return "cleanup"
         # gc: what a delete removes says which step it belongs to.
         if "/blobs/" in path:
