@@ -19,7 +19,8 @@ child only:
             so a write can be torn in the middle
     unlink  os.unlink
 
-The kill comes *before* the nth event takes effect. Each event is labelled with the
+The kill comes *before* the nth event takes effect, and no later event of any kind
+takes effect in another thread meanwhile (they wait for the end). Each event is labelled with the
 phase it belongs to (from the object key or path it touches), so the parent can pick
 positions in every phase. Without ``kill`` the driver logs every event as JSON lines;
 with it, it writes the event it dies at to the log first (no fsync needed: the parent
@@ -47,6 +48,7 @@ class Recorder:
         self.counts = dict.fromkeys(KINDS, 0)
         self.lock = threading.Lock()
         self.local = threading.local()
+        self.halted = threading.Event()
         # Line-buffered: nothing may wait in a buffer for an interpreter shutdown that
         # does not flush it (or for a SIGKILL).
         self.log = open(log_path, "w", buffering=1)  # noqa: SIM115 - open until the end
@@ -98,13 +100,20 @@ class Recorder:
         the process must die (``amount`` itself: no kill here)."""
         label = self.phase(kind, path)
         with self.lock:
-            before = self.counts[kind]
-            self.counts[kind] = before + amount
-            dies = self.kill_kind == kind and before < self.kill_at <= before + amount
-            if self.kill_kind is None:
-                self.log.write(json.dumps([kind, label, amount]) + "\n")
-            elif dies:
-                self.log.write(json.dumps([kind, self.kill_at, label, path]) + "\n")
+            halted = self.halted.is_set()
+            if not halted:
+                before = self.counts[kind]
+                self.counts[kind] = before + amount
+                dies = self.kill_kind == kind and before < self.kill_at <= before + amount
+                if self.kill_kind is None:
+                    self.log.write(json.dumps([kind, label, amount]) + "\n")
+                elif dies:
+                    self.log.write(json.dumps([kind, self.kill_at, label, path]) + "\n")
+                    self.halted.set()
+        if halted:
+            # Another thread is about to kill the process: no event after the chosen
+            # one may take effect, so wait here for the end.
+            threading.Event().wait()
         return self.kill_at - 1 - before if dies else amount
 
     @staticmethod
