@@ -120,10 +120,13 @@ class StressConfig:
     """Probability of a random sleep at each wrapped protocol step."""
     beyond_lease: bool = False
     """Pause gc past its lease in its delete window, breaking docs/gc.md's assumption."""
-    reuse_old: float = 0.25
+    reuse_old: float = 0.4
     """Probability that saver 0 writes an old step's content again."""
     load_every: float = 0.1
     """Probability that a saver loads its newest checkpoint before a step."""
+    mutant: str = ""
+    """A protection to switch off in the children (see ``MUTANTS``), to show that a
+    round notices its absence."""
     child_timeout: float = 120.0
     """Seconds to wait for children to stop after the deadline before killing them."""
 
@@ -313,8 +316,10 @@ async def _saver(cfg: StressConfig, index: int, log: Log) -> None:
     while time.time() < _deadline():
         step += 1
         content_step = step
-        if index == 0 and step > 8 and rng.random() < cfg.reuse_old:
-            content_step = rng.randrange(1, step - 4)
+        if index == 0 and step > 4 and rng.random() < cfg.reuse_old:
+            # Recent enough that its blobs are likely in a candidate record (expired a
+            # few seconds ago), or already deleted (then uploaded again).
+            content_step = max(1, step - rng.randint(3, 20))
         root = roots[step % 2]
         if newest is not None and rng.random() < cfg.load_every:
             await _load_and_check(store, root, newest, written, log)
@@ -453,8 +458,14 @@ async def _audit(cfg: StressConfig, index: int, log: Log) -> None:
             missing = wanted - blobs
             if ref.id in after and missing:
                 # Listed before and after the blob listing: committed all along.
-                log("suspect", id=ref.id, key=ref.key, seq=ref.seq, missing=sorted(missing),
-                    listed_at=listed_at)
+                log(
+                    "suspect",
+                    id=ref.id,
+                    key=ref.key,
+                    seq=ref.seq,
+                    missing=sorted(missing),
+                    listed_at=listed_at,
+                )
         await anyio.sleep(0.2)
     log("audit_rounds", rounds=rounds)
 
@@ -473,12 +484,54 @@ def child_main(argv: list[str]) -> int:
 
     # The setting must have reached the protocol, or this run tests nothing scaled.
     assert abs(_gcguard.COMMIT_WINDOW - cfg.commit_window) < 1e-9, _gcguard.COMMIT_WINDOW
+    _mutate(cfg.mutant)
     log = Log(Path(cfg.workdir) / "logs" / f"{role}-{index}.jsonl")
     log("start", pid=os.getpid())
     roles = {"saver": _saver, "gc": _gc, "audit": _audit}
     anyio.run(roles[role], cfg, index, log)
     log("exit")
     return 0
+
+
+def _mutate(name: str) -> None:
+    """Switch one protection of the protocol off, in this child only."""
+    import castore
+    from castore._gcstate import GcState
+
+    store_module: Any = castore._store  # type: ignore[attr-defined]
+    if name == "no_guard":
+        # Writers commit without claiming or checking candidate blobs.
+        async def guard(*args: Any, **kwargs: Any) -> tuple[None, float]:
+            return None, kwargs["clock"].now()
+
+        store_module.guard_commit = guard
+    elif name == "ignore_claims":
+
+        async def claimed(*args: Any, **kwargs: Any) -> set[str]:
+            return set()
+
+        GcState.claimed_blobs = claimed  # type: ignore[method-assign]
+    elif name == "no_confirm":
+        # A put after the commit window is not checked.
+        async def confirm(*args: Any, **kwargs: Any) -> list[str]:
+            return []
+
+        store_module.confirm_commit = confirm
+    elif name == "no_lease":
+        # Every gc run sweeps, whoever else is sweeping.
+        from castore._gcstate import SWEEPING, _stamp
+
+        async def begin(self: GcState, now: float, ttl: float) -> tuple[str, float]:
+            key = _stamp(SWEEPING, now)
+            await self.backend.put(key, b"")
+            return key, await self.store_time(key, now)
+
+        GcState.begin_sweep = begin  # type: ignore[method-assign]
+    elif name:
+        raise ValueError(f"unknown mutant {name!r}")
+
+
+MUTANTS = ("no_guard", "ignore_claims", "no_confirm", "no_lease")
 
 
 def _load_config(path: Path) -> StressConfig:
@@ -568,6 +621,8 @@ def run_stress(cfg: StressConfig) -> StressResult:
         "CASTORE_CACHE_DIR": str(work / "cache-default"),
     }
     env.pop("CASTORE_URL", None)
+    # SeaweedFS is on 127.0.0.1: no proxy may stand between.
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     roles = [("saver", i) for i in range(cfg.savers)] + [("gc", i) for i in range(cfg.gcs)]
     if cfg.audit:
         roles.append(("audit", 0))
@@ -605,8 +660,9 @@ async def _create_store(cfg: StressConfig) -> dict[str, Any]:
     src = work / "src-init"
     src.mkdir(parents=True, exist_ok=True)
     (src / "hello.txt").write_bytes(b"the first checkpoint of the store\n")
-    store = castore.CheckpointStore(cfg.url, key="init", cache_dir=work / "cache-init",
-                                    **cfg.options)
+    store = castore.CheckpointStore(
+        cfg.url, key="init", cache_dir=work / "cache-init", **cfg.options
+    )
     try:
         info = await store.save(src)
     finally:
@@ -716,7 +772,9 @@ def _saved(work: Path, initial: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return records
 
 
-async def _check(cfg: StressConfig, records: dict[str, dict[str, Any]], result: StressResult) -> None:
+async def _check(
+    cfg: StressConfig, records: dict[str, dict[str, Any]], result: StressResult
+) -> None:
     """After every child stopped: verify --full, restore every listed checkpoint
     bit-exact, the newest ``keep_last`` of every key still there, and no returned
     checkpoint the auditor saw with a blob missing."""
@@ -728,7 +786,9 @@ async def _check(cfg: StressConfig, records: dict[str, dict[str, Any]], result: 
     try:
         report = await maintenance.verify(full=True)
         result.verify_ok = report.ok
-        result.verify_problems = [f"{p.key} {p.checkpoint_id}: {p.message}" for p in report.problems]
+        result.verify_problems = [
+            f"{p.key} {p.checkpoint_id}: {p.message}" for p in report.problems
+        ]
         for p in report.problems:
             if p.checkpoint_id in records:
                 result.lost.setdefault(p.checkpoint_id, f"verify: {p.message}")
@@ -765,8 +825,9 @@ async def _check(cfg: StressConfig, records: dict[str, dict[str, Any]], result: 
             if e["event"] == "suspect" and e["id"] in records:
                 when = time.strftime("%H:%M:%S", time.gmtime(e["listed_at"]))
                 result.lost.setdefault(
-                    e["id"], f"{who} saw it committed with {len(e['missing'])} blob(s) missing "
-                    f"at {when}: {', '.join(b[:12] for b in e['missing'][:4])}"
+                    e["id"],
+                    f"{who} saw it committed with {len(e['missing'])} blob(s) missing "
+                    f"at {when}: {', '.join(b[:12] for b in e['missing'][:4])}",
                 )
     finally:
         await maintenance.aclose()
