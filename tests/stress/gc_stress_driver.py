@@ -612,7 +612,7 @@ def run_stress(cfg: StressConfig) -> StressResult:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     config_path = work / "config.json"
     config_path.write_text(json.dumps(asdict(cfg)))
-    initial = anyio.run(_create_store, cfg)
+    anyio.run(_create_store, cfg)
     deadline = time.time() + cfg.duration
     env = {
         **os.environ,
@@ -645,14 +645,22 @@ def run_stress(cfg: StressConfig) -> StressResult:
     finally:
         for child in children:
             _stop(child)
-    _read_logs(work, result)
-    records = _saved(work, initial)
-    anyio.run(_check, cfg, records, result)
+    check_round(cfg, result)
     result.seconds = time.monotonic() - began
     return result
 
 
-async def _create_store(cfg: StressConfig) -> dict[str, Any]:
+def check_round(cfg: StressConfig, result: StressResult | None = None) -> StressResult:
+    """Read the children's logs and check the store (every child must be stopped)."""
+    import anyio
+
+    result = result or StressResult()
+    _read_logs(Path(cfg.workdir), result)
+    anyio.run(_check, cfg, _saved(Path(cfg.workdir)), result)
+    return result
+
+
+async def _create_store(cfg: StressConfig) -> None:
     """One checkpoint, so that the store exists before gc and the auditor start."""
     import castore
 
@@ -667,7 +675,9 @@ async def _create_store(cfg: StressConfig) -> dict[str, Any]:
         info = await store.save(src)
     finally:
         await store.aclose()
-    return {"key": "init", "id": info.id, "seq": info.seq, "files": tree_digests(src)}
+    Log(work / "logs" / "init-0.jsonl")(
+        "save", key="init", id=info.id, seq=info.seq, files=tree_digests(src)
+    )
 
 
 def _inflict_pauses(
@@ -729,7 +739,7 @@ def _events(work: Path) -> list[tuple[str, dict[str, Any]]]:
 def _read_logs(work: Path, result: StressResult) -> None:
     for who, e in _events(work):
         kind = e["event"]
-        if kind == "save":
+        if kind == "save" and who != "init-0":
             result.saves += 1
         elif kind == "save_failed":
             result.save_failures += 1
@@ -763,9 +773,9 @@ def _read_logs(work: Path, result: StressResult) -> None:
             result.audit_rounds += e["rounds"]
 
 
-def _saved(work: Path, initial: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _saved(work: Path) -> dict[str, dict[str, Any]]:
     """Every checkpoint a save returned, by id."""
-    records = {initial["id"]: initial}
+    records = {}
     for _, e in _events(work):
         if e["event"] == "save":
             records[e["id"]] = e

@@ -11,9 +11,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import anyio
 import pytest
-from gc_stress_driver import StressConfig, StressResult, deletions_of, run_stress
+from gc_stress_driver import StressConfig, StressResult, check_round, deletions_of, run_stress
 from s3server import S3Server
+
+import castore
+from castore._repository import blob_key
 
 pytestmark = pytest.mark.slow
 
@@ -66,3 +70,32 @@ def test_gc_stress_on_s3(s3_server: S3Server, s3_url: str, tmp_path: Path) -> No
         seed=_seed(),
     )
     _assert_nothing_lost(cfg, run_stress(cfg))
+
+
+def test_the_check_finds_a_checkpoint_whose_blob_was_deleted(tmp_path: Path) -> None:
+    """The end-of-round check is not vacuous: one saver, no gc, then one blob of its
+    newest checkpoint deleted behind castore's back, and the check names the loss."""
+    cfg = StressConfig(
+        url=str(tmp_path / "store"),
+        workdir=str(tmp_path),
+        duration=2.0,
+        savers=1,
+        gcs=0,
+        audit=False,
+        max_pauses=0,
+        seed=_seed(),
+    )
+    clean = run_stress(cfg)
+    assert clean.saves > 0 and clean.verify_ok and not clean.lost, _explain(cfg, clean)
+
+    async def delete_a_blob() -> str:
+        maintenance = castore.Maintenance(cfg.url)
+        refs = await maintenance.repo.list_manifests("saver-0")
+        manifest = await maintenance.repo.read_manifest(refs[-1])
+        await maintenance.repo.backend.delete(blob_key(manifest.blobs[0][0]))
+        return refs[-1].id
+
+    newest = anyio.run(delete_a_blob)
+    broken = check_round(cfg)
+    assert not broken.verify_ok
+    assert newest in broken.lost, _explain(cfg, broken)
