@@ -370,7 +370,9 @@ async def _load_and_check(
     try:
         await store.load(root)
     except castore.CastoreError as exc:
-        log("load_failed", id=newest["id"], error=f"{type(exc).__name__}: {exc}")
+        # Its newest checkpoint, which retention keeps: unrestorable data is a loss.
+        lost = isinstance(exc, castore.IntegrityError)
+        log("load_failed", id=newest["id"], error=f"{type(exc).__name__}: {exc}", lost=lost)
         written[root] = {}
         return
     found = await anyio.to_thread.run_sync(tree_digests, root)
@@ -786,8 +788,9 @@ async def _check(
     cfg: StressConfig, records: dict[str, dict[str, Any]], result: StressResult
 ) -> None:
     """After every child stopped: verify --full, restore every listed checkpoint
-    bit-exact, the newest ``keep_last`` of every key still there, and no returned
-    checkpoint the auditor saw with a blob missing."""
+    bit-exact, the newest ``keep_last`` of every key still there, no returned
+    checkpoint the auditor saw with a blob missing, and no saver's load of its newest
+    checkpoint that found data missing or different."""
     import castore
     from castore._restore import RestoreOptions, restore
 
@@ -832,6 +835,8 @@ async def _check(
                 if record["id"] not in listed:
                     result.lost.setdefault(record["id"], "one of its key's newest: not listed")
         for who, e in _events(work):
+            if e["event"] == "load_mismatch" or (e["event"] == "load_failed" and e["lost"]):
+                result.lost.setdefault(e["id"], f"{who}: {e['event']} {e.get('error', '')}")
             if e["event"] == "suspect" and e["id"] in records:
                 when = time.strftime("%H:%M:%S", time.gmtime(e["listed_at"]))
                 result.lost.setdefault(
