@@ -52,6 +52,8 @@ def _assert_nothing_lost(cfg: StressConfig, result: StressResult) -> None:
     assert result.deleted_blobs > 0 and result.expired > 0, why
     assert result.stops > 0 and result.audit_rounds > 0, why
     assert result.restored_at_end == result.checkpoints_at_end, why
+    crashed = [e for e in result.errors if "exited with" in e or "did not stop" in e]
+    assert not crashed, why
 
 
 def test_gc_stress_on_the_local_store(tmp_path: Path) -> None:
