@@ -71,6 +71,7 @@ def _config(
         max_pauses=max(4, int(duration / 2)),
         saver_stops=LONG_SAVER_STOPS,
         beyond_lease=args.beyond_lease,
+        gc_delete_pause=args.gc_delete_pause,
         mutant=args.mutant,
         child_timeout=300.0,
     )
@@ -101,6 +102,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100_000)
     parser.add_argument("--mutant", choices=("", *MUTANTS), default="")
     parser.add_argument("--beyond-lease", action="store_true")
+    parser.add_argument(
+        "--gc-delete-pause",
+        type=float,
+        default=0.5,
+        help="most seconds a gc sleeps before a delete",
+    )
     parser.add_argument("--workdir", type=Path, help="keep logs here (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write every round's figures here")
     args = parser.parse_args()
