@@ -92,10 +92,10 @@ def test_kill_load_anywhere(scenarios: Scenarios, tmp_path: Path, over: bool) ->
     )
 
 
-@pytest.mark.xfail(reason="issue 20 item 6 (swap)", strict=False)
 def test_kill_load_between_swap_renames(scenarios: Scenarios, tmp_path: Path) -> None:
-    """Killed at each rename of the swap over an existing destination: before the
-    first, it is the old tree; between the two, today, there is no destination."""
+    """Killed at each rename of the swap over an existing destination (one
+    renameat2(RENAME_EXCHANGE) where the kernel has it): the destination is the old tree
+    or the new one, never missing."""
     points = [
         p for p in _points(scenarios, tmp_path, True) if (p.kind, p.phase) == ("rename", "swap")
     ]
