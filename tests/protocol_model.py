@@ -3,15 +3,17 @@ every interleaving of their steps and of the passing of time, on a model of the 
 
 The model is the protocol, not the code: each step below is one request (or one
 decision) of ``castore/_store.py``, ``_gcguard.py`` and ``_gc.py``, atomic as a request
-is. Time is the store's clock in whole ticks (the code measures every age on it); a tick
-may pass between any two steps, so every pause of any length up to the horizon is
-covered. One blob ``b`` matters: garbage when the story starts, which the writer reuses
-(its stat cache vouches for it) and a gc may mark and delete. The property checked in
-every reachable state: once the writer has returned from a save, its checkpoint's blob
-exists (and keeps existing, whatever the gc runs still do).
+is. Time is the store's clock in whole ticks (the code measures every age on it), and
+a tick may pass between any two steps, so every pause of any length is covered: each
+timestamp is kept as an age, capped just above the largest bound it is compared with,
+which makes the state space finite without a horizon. One blob ``b`` matters: garbage
+when the story starts, which the writer reuses (its stat cache vouches for it) and a gc
+may mark and delete. The property, checked in every reachable state: once the writer
+has returned from a save, its checkpoint's blob exists (and keeps existing, whatever
+the gc runs still do).
 
-``Protocol`` switches individual protections off, so that tests can show that each is
-needed: the checker must find a violation without it.
+``Protocol`` switches single protections off, so that tests can show each is needed:
+without it, the checker must find a violation.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
-# Time constants in ticks, in the code's proportions: grace >= 2 x commit window.
+# Time constants in ticks, in the code's proportions (grace >= 2 x commit window).
 WINDOW = 1  # COMMIT_WINDOW
 GRACE = 2
 SWEEP_TTL = 4  # a sweep stops deleting after SWEEP_TTL / 2
-CLAIM_TTL = 6
-HORIZON = 14  # the last tick explored
+BUDGET = SWEEP_TTL // 2
+CLAIM_TTL = 3
+LISTED_BOUND = min(BUDGET, GRACE - WINDOW)
+"""A sweep deletes only while its manifest listing is younger than this."""
 
 
 @dataclass(frozen=True)
@@ -36,55 +40,73 @@ class Protocol:
     wait_for_sweeps: bool = True
     """A writer waits out live sweeps before checking its claimed blobs."""
     start_time_first: bool = True
-    """A save takes its start time before its first snapshot (else after the upload)."""
+    """A save takes its start time before its first snapshot (else after uploading)."""
     confirm_after_put: bool = True
     """A put later than the commit window is checked, and withdrawn if broken."""
     budget_with_delete: bool = True
     """gc's budget check and its delete request are one step (the assumption in
     docs/gc.md); False lets a pause fall between them."""
+    second_bump: bool = True
+    """A sweep bumps the generation again after deleting."""
+    listing_bound: bool = True
+    """A sweep deletes only while its manifest listing is fresh (``LISTED_BOUND``)."""
+    retries: int = 1
+    """How many times the writer's save may start over after a GcConflict."""
+    gc_runs: int = 2
+    """How many gc actors (each may start at any time, concurrently or not)."""
+    rounds: int = 1
+    """How many runs each gc actor makes, one after another."""
+    crash_points: frozenset[str] | None = None
+    """The steps before which a gc run may be killed (None: before any of them). The
+    CI-sized run allows two: right after the marker is up, and right after deleting."""
+
+
+def _age(age: int, cap: int) -> int:
+    return min(age + 1, cap)
 
 
 class Writer(NamedTuple):
     pc: str = "idle"
-    t_start: int = 0
-    seen_record: bool = False  # a record naming b visible at the start snapshot
+    since_start: int = 0  # ticks since the save's start time (capped at WINDOW)
+    seen_record: bool = False  # a record naming b was visible at the start snapshot
     trusted: bool = True  # the stat cache vouches for b
-    checked_at: int = 0
-    claim_at: int = 0
+    since_check: int = 0  # ticks since the guard's check (capped at WINDOW)
     retries: int = 0
 
 
 class Gc(NamedTuple):
     pc: str = "idle"
-    started: int = 0
+    running: int = 0  # ticks since the run began (capped above its budget)
+    listed: int = 0  # ticks since it listed the manifests (capped above its bound)
+    marker: int | None = None  # age of its own sweep marker, while it exists
     claimed: bool = False
     referenced: bool = False
-    blob_mtime: int | None = None
-    due: frozenset[int] = frozenset()  # record times due for this sweep
+    blob_seen: bool = False
+    due: frozenset[tuple[int, bool]] = frozenset()  # records due for this sweep
     deletable: bool = False
     markable: bool = False
     deleted: bool = False
     complete: bool = True
+    runs: int = 0  # runs finished (or killed) before this one
 
 
 class State(NamedTuple):
-    now: int
-    blob: int | None  # b's modification time, None once deleted
-    records: frozenset[int]  # candidate records naming b, by their store time
-    claim: int | None  # the writer's claim on b, by its store time
-    markers: frozenset[tuple[int, int]]  # (gc index, store time)
-    generation: int
+    blob: int | None  # b's age (capped at GRACE), None once deleted
+    records: frozenset[tuple[int, bool]]  # (age capped at GRACE, b rewritten since)
+    claim: int | None  # age of the writer's claim (capped at CLAIM_TTL)
+    stale_markers: int  # markers of killed runs, older than SWEEP_TTL (0, 1 or 2)
+    generation_changed: bool  # since the writer's stat cache was stamped
     manifest: bool  # the writer's checkpoint is committed
     writer: Writer
     gcs: tuple[Gc, ...]
 
 
-def initial_states() -> list[State]:
+def initial_states(p: Protocol) -> list[State]:
     """b is garbage; either no gc has marked it yet, or a record names it already."""
-    gcs = (Gc(), Gc())
+    gcs = (Gc(),) * p.gc_runs
     return [
-        State(0, 0, frozenset(), None, frozenset(), 0, False, Writer(), gcs),
-        State(0, 0, frozenset({0}), None, frozenset(), 0, False, Writer(), gcs),
+        State(GRACE, frozenset(), None, 0, False, False, Writer(), gcs),
+        State(GRACE, frozenset({(0, False)}), None, 0, False, False, Writer(), gcs),
     ]
 
 
@@ -92,14 +114,37 @@ def violated(s: State) -> bool:
     return s.writer.pc == "done" and s.manifest and s.blob is None
 
 
-def _live(s: State, exclude: int | None = None) -> list[tuple[int, int]]:
-    return [m for m in s.markers if s.now - m[1] < SWEEP_TTL and m[0] != exclude]
+def _live_markers(s: State, exclude: int | None = None) -> bool:
+    return any(g.marker is not None and i != exclude for i, g in enumerate(s.gcs))
+
+
+def _tick(s: State) -> State:
+    w = s.writer
+    gcs = tuple(
+        g._replace(
+            running=_age(g.running, BUDGET + 1),
+            listed=_age(g.listed, LISTED_BOUND + 1),
+            marker=None if g.marker is None else _age(g.marker, SWEEP_TTL),
+        )
+        for g in s.gcs
+    )
+    # A marker that reaches SWEEP_TTL is stale: it counts among the stale ones.
+    stale = s.stale_markers + sum(1 for g in gcs if g.marker is not None and g.marker >= SWEEP_TTL)
+    gcs = tuple(g._replace(marker=None) if g.marker == SWEEP_TTL else g for g in gcs)
+    return s._replace(
+        blob=None if s.blob is None else _age(s.blob, GRACE),
+        records=frozenset((_age(a, GRACE), r) for a, r in s.records),
+        claim=None if s.claim is None else _age(s.claim, CLAIM_TTL),
+        stale_markers=stale,
+        writer=w._replace(
+            since_start=_age(w.since_start, WINDOW), since_check=_age(w.since_check, WINDOW)
+        ),
+        gcs=gcs,
+    )
 
 
 def successors(s: State, p: Protocol) -> list[State]:
-    out: list[State] = []
-    if s.now < HORIZON:
-        out.append(s._replace(now=s.now + 1))
+    out = [_tick(s)]
     out += _writer_steps(s, p)
     for i in range(len(s.gcs)):
         out += _gc_steps(s, i, p)
@@ -116,61 +161,55 @@ def _writer_steps(s: State, p: Protocol) -> list[State]:
     if pc == "idle":
         return [s._replace(writer=_w(s, pc="start"))]
     if pc == "start":
-        # Start time, snapshot of gc/, stat cache checked against the generation.
-        trusted = w.trusted and s.generation == 0 or s.blob is not None and w.retries == 0
-        if w.retries:
-            trusted = False
-        t_start = s.now if p.start_time_first else w.t_start
-        return [
-            s._replace(
-                writer=_w(
-                    s, pc="upload", t_start=t_start, seen_record=bool(s.records), trusted=trusted
-                )
-            )
-        ]
+        # Start time, snapshot of gc/, stat cache checked against the generation (a
+        # listing of blobs when it changed). A retry trusts no cache.
+        trusted = w.retries == 0 and (not s.generation_changed or s.blob is not None)
+        since = 0 if p.start_time_first else w.since_start
+        writer = _w(s, pc="upload", since_start=since, seen_record=bool(s.records), trusted=trusted)
+        return [s._replace(writer=writer)]
     if pc == "upload":
-        t_start = w.t_start if p.start_time_first else s.now
-        blob = s.blob
-        if not w.trusted and blob is None:
-            blob = s.now  # put-if-absent of b
-        return [s._replace(blob=blob, writer=_w(s, pc="guard", t_start=t_start))]
+        since = w.since_start if p.start_time_first else 0
+        if not w.trusted and s.blob is None:  # put-if-absent of b: a new object
+            records = frozenset((a, True) for a, _ in s.records)
+            s = s._replace(blob=0, records=records)
+        return [s._replace(writer=_w(s, pc="guard", since_start=since))]
     if pc == "guard":
-        at_risk = w.seen_record or bool(s.records) or s.now - w.t_start >= WINDOW
+        at_risk = w.seen_record or bool(s.records) or w.since_start >= WINDOW
         nxt = "claim" if at_risk else "commit"
-        return [s._replace(writer=_w(s, pc=nxt, checked_at=s.now))]
+        return [s._replace(writer=_w(s, pc=nxt, since_check=0))]
     if pc == "claim":
-        return [s._replace(claim=s.now, writer=_w(s, pc="wait", claim_at=s.now))]
+        return [s._replace(claim=0, writer=_w(s, pc="wait"))]
     if pc == "wait":
-        if p.wait_for_sweeps and _live(s):
-            return []  # blocked until time passes
+        if p.wait_for_sweeps and _live_markers(s):
+            return []  # blocked until the markers age out or go
         return [s._replace(writer=_w(s, pc="check"))]
     if pc == "check":
         if s.blob is None:
-            return [_retry(s)]
-        if s.now - w.checked_at < WINDOW:
+            return [_retry(s, p)]
+        if w.since_check < WINDOW:
             return [s._replace(writer=_w(s, pc="commit"))]
         return [s._replace(claim=None, writer=_w(s, pc="guard"))]
     if pc == "commit":
         return [s._replace(manifest=True, writer=_w(s, pc="confirm"))]
     if pc == "confirm":
-        if not p.confirm_after_put or s.now - w.checked_at < WINDOW:
+        if not p.confirm_after_put or w.since_check < WINDOW:
             return [s._replace(writer=_w(s, pc="unclaim"))]
         return [s._replace(writer=_w(s, pc="confirm-wait"))]
     if pc == "confirm-wait":
-        if _live(s):
+        if _live_markers(s):
             return []
         if s.blob is None:
-            return [_retry(s._replace(manifest=False))]
+            return [_retry(s._replace(manifest=False), p)]  # the manifest is withdrawn
         return [s._replace(writer=_w(s, pc="unclaim"))]
     if pc == "unclaim":
         return [s._replace(claim=None, writer=_w(s, pc="done"))]
     return []
 
 
-def _retry(s: State) -> State:
-    """GcConflict: the save runs again, trusting no cache (at most twice)."""
+def _retry(s: State, p: Protocol) -> State:
+    """GcConflict: the save runs again, trusting no cache."""
     w = s.writer
-    if w.retries >= 2:
+    if w.retries >= p.retries:
         return s._replace(claim=None, writer=_w(s, pc="failed"))
     return s._replace(claim=None, writer=_w(s, pc="start", retries=w.retries + 1))
 
@@ -185,59 +224,73 @@ def _gc_steps(s: State, i: int, p: Protocol) -> list[State]:
         return state._replace(gcs=tuple(gcs))
 
     out: list[State] = []
-    if pc not in ("idle", "done"):
-        # A gc may be killed between any two requests: its marker stays.
+    killable = pc not in ("idle", "begin", "done")
+    if killable and (p.crash_points is None or pc in p.crash_points):
+        # Killed between two requests: its marker stays (and ages into a stale one).
         out.append(put(s, pc="done"))
+    if pc == "done" and g.runs + 1 < p.rounds and g.marker is None:
+        # The next run of the same actor (a cron job), once the last one's marker is
+        # gone (or, left by a kill, has aged into a stale one).
+        gcs = list(s.gcs)
+        gcs[i] = Gc(runs=g.runs + 1)
+        out.append(s._replace(gcs=tuple(gcs)))
     if pc == "idle":
         out.append(put(s, pc="begin"))
     elif pc == "begin":
-        mine = (i, s.now)
-        others = _live(s, exclude=i)
-        if p.lease and others:
-            return out + [put(s, pc="done")]  # GcConflict: another run sweeps
-        stale = {m for m in s.markers if s.now - m[1] >= SWEEP_TTL}
-        generation = s.generation + 1 if stale else s.generation
-        state = s._replace(markers=(s.markers - stale) | {mine}, generation=generation)
-        out.append(put(state, pc="claims", started=s.now))
+        if p.lease and _live_markers(s, exclude=i):
+            return [put(s, pc="done")]  # GcConflict: another run sweeps
+        # Stale markers are removed, and the generation bumped.
+        changed = s.generation_changed or s.stale_markers > 0
+        state = s._replace(stale_markers=0, generation_changed=changed)
+        out.append(put(state, pc="claims", running=0, marker=0))
     elif pc == "claims":
-        claimed = p.claims and s.claim is not None and s.now - s.claim < CLAIM_TTL
+        claimed = p.claims and s.claim is not None and s.claim < CLAIM_TTL
         out.append(put(s, pc="manifests", claimed=claimed))
     elif pc == "manifests":
-        out.append(put(s, pc="blobs", referenced=s.manifest))
+        out.append(put(s, pc="blobs", referenced=s.manifest, listed=0))
     elif pc == "blobs":
-        out.append(put(s, pc="decide", blob_mtime=s.blob))
+        out.append(put(s, pc="decide", blob_seen=s.blob is not None))
     elif pc == "decide":
-        due = frozenset(t for t in s.records if s.now - t >= GRACE)
-        m = g.blob_mtime
-        spare = g.referenced or g.claimed or m is None
-        deletable = not spare and any(m <= t for t in due)  # type: ignore[operator]
-        markable = not spare and not deletable and not s.records and s.now - m >= GRACE  # type: ignore[operator]
+        due = frozenset(r for r in s.records if r[0] >= GRACE)
+        spare = g.referenced or g.claimed or not g.blob_seen
+        deletable = not spare and any(not rewritten for _, rewritten in due)
+        old_blob = s.blob is not None and s.blob >= GRACE
+        markable = not spare and not deletable and not s.records and old_blob
         out.append(put(s, pc="mark", due=due, deletable=deletable, markable=markable))
     elif pc == "mark":
-        records = s.records | {s.now} if g.markable else s.records
+        records = s.records | {(0, False)} if g.markable else s.records
         out.append(put(s._replace(records=records), pc="bump"))
     elif pc == "bump":
-        generation = s.generation + 1 if g.deletable else s.generation
+        changed = s.generation_changed or g.deletable
         nxt = "delete" if p.budget_with_delete else "budget"
-        out.append(put(s._replace(generation=generation), pc=nxt))
+        out.append(put(s._replace(generation_changed=changed), pc=nxt))
     elif pc == "budget":
-        within = s.now - g.started <= SWEEP_TTL // 2
+        within = _within_budget(g, p)
         out.append(put(s, pc="delete" if within else "bump-again", complete=within))
     elif pc == "delete":
-        within = s.now - g.started <= SWEEP_TTL // 2 or not p.budget_with_delete
+        within = _within_budget(g, p) or not p.budget_with_delete
         if g.deletable and within:
             out.append(put(s._replace(blob=None), pc="bump-again", deleted=True))
         else:
             out.append(put(s, pc="bump-again", complete=within and g.complete))
     elif pc == "bump-again":
-        generation = s.generation + 1 if g.deleted else s.generation
-        out.append(put(s._replace(generation=generation), pc="records"))
+        changed = s.generation_changed or (g.deleted and p.second_bump)
+        out.append(put(s._replace(generation_changed=changed), pc="records"))
     elif pc == "records":
         records = s.records - g.due if g.complete else s.records
         out.append(put(s._replace(records=records), pc="end"))
     elif pc == "end":
-        out.append(put(s._replace(markers=s.markers - {(i, g.started)}), pc="done"))
+        out.append(put(s, pc="done", marker=None))
     return out
+
+
+def _within_budget(g: Gc, p: Protocol) -> bool:
+    """A sweep deletes only within its budget from its start, and only while what it
+    knows of the manifests is younger than the grace less a commit window: a record
+    that became due after the listing cannot then name a blob that a manifest
+    committed since relies on."""
+    fresh = g.listed <= LISTED_BOUND if p.listing_bound else True
+    return g.running <= BUDGET and fresh
 
 
 @dataclass(frozen=True)
@@ -247,11 +300,12 @@ class Result:
     """A path from an initial state to a violating one, if any."""
 
 
-def explore(p: Protocol = Protocol()) -> Result:
+def explore(p: Protocol | None = None) -> Result:
     """Every state reachable from the initial ones; stops at the first violation."""
+    protocol = p or Protocol()
     parent: dict[State, State | None] = {}
     stack: list[State] = []
-    for s in initial_states():
+    for s in map(_canonical, initial_states(protocol)):
         parent[s] = None
         stack.append(s)
     while stack:
@@ -261,12 +315,23 @@ def explore(p: Protocol = Protocol()) -> Result:
             while (prev := parent[path[-1]]) is not None:
                 path.append(prev)
             return Result(len(parent), path[::-1])
-        for t in successors(s, p):
+        for t in map(_canonical, successors(s, protocol)):
             if t not in parent:
                 parent[t] = s
                 stack.append(t)
     return Result(len(parent), None)
 
 
-def without(**changes: bool) -> Protocol:
-    return replace(Protocol(), **changes)
+def _canonical(s: State) -> State:
+    """The two gc runs are alike: states that differ only by which is which are one."""
+    return s._replace(gcs=tuple(sorted(s.gcs, key=repr)))
+
+
+QUICK: dict[str, object] = {"gc_runs": 1, "rounds": 2}
+"""The CI-sized exploration: one gc actor that runs twice, one run after the other.
+Two runs at once, which the lease rules out, are explored by ``bench/gc_model.py`` (and
+replayed in ``tests/test_gc_races.py``)."""
+
+
+def without(**changes: object) -> Protocol:
+    return replace(Protocol(), **changes)  # type: ignore[arg-type]
