@@ -792,7 +792,8 @@ async def _check(
     checkpoint the auditor saw with a blob missing, and no saver's load of its newest
     checkpoint that found data missing or different."""
     import castore
-    from castore._restore import RestoreOptions, restore
+    from castore._dest import Protected
+    from castore._restore import Destination, RestoreOptions, restore
 
     work = Path(cfg.workdir)
     maintenance = castore.Maintenance(cfg.url, **cfg.options)
@@ -813,7 +814,8 @@ async def _check(
                 dest = Path(tmp) / ref.id
                 try:
                     manifest = await maintenance.repo.read_manifest(ref)
-                    await restore(maintenance.repo, manifest, dest, RestoreOptions())
+                    where = Destination(dest, Protected(None, work / "no-cache"))
+                    await restore(maintenance.repo, manifest, where, RestoreOptions())
                 except castore.CastoreError as exc:
                     why = f"restore failed: {type(exc).__name__}: {exc}"
                     if ref.id in records:
