@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._errors import DestinationError
+from ._fileio import write_replacing
 
 __all__ = ["MAX_ROOTS", "KnownRoots", "Protected", "check_contents", "check_protected"]
 
@@ -138,13 +139,7 @@ class KnownRoots:
         real = str(_real(root))
         roots = [p for p in self._read() if p != real]
         roots.append(real)
-        data = json.dumps(roots[-MAX_ROOTS:]).encode()
-        tmp = self.path.with_name(f".{self.path.name}.{os.urandom(4).hex()}")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-            os.replace(tmp, self.path)
+            write_replacing(self.path, json.dumps(roots[-MAX_ROOTS:]).encode())
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             _log.warning("castore: could not record %s as a known destination: %s", real, exc)

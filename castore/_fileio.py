@@ -1,10 +1,12 @@
-"""Writing bytes into files in pieces the kernel handles well."""
+"""Writing bytes into files: in pieces the kernel handles well, or whole and atomically."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
-__all__ = ["pwrite_all"]
+__all__ = ["pwrite_all", "write_replacing"]
 
 WRITE_PIECE = 256 * 1024
 """Bytes per write call. The kernel sizes the page-cache folios a write allocates by
@@ -20,3 +22,18 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done : done + WRITE_PIECE], offset + done)
+
+
+def write_replacing(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling renamed over it, so that a
+    reader sees the old file or the new one, never part of one. OSError on failure,
+    with the temporary removed. (Not fsynced: for caches and records that may be lost.)"""
+    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

@@ -13,7 +13,6 @@ within the file system's timestamp granularity.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ import zstandard
 
 from ._codec import decompress_bounded
 from ._errors import IntegrityError
+from ._fileio import write_replacing
 from ._manifest import Manifest
 from ._scan import StatKey, present_files, stat_key
 
@@ -132,11 +132,8 @@ class StatCache:
         merged.update(self._fresh)
         doc = {"version": _VERSION, "generation": self.generation, "entries": merged}
         data = zstandard.ZstdCompressor(level=3).compress(json.dumps(doc).encode())
-        tmp = self.path.with_name(f".{self.path.name}.{os.urandom(4).hex()}")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-            os.replace(tmp, self.path)
+            write_replacing(self.path, data)
         except OSError as exc:
             # The cache is an optimisation, written after the manifest committed: failing
             # to write it (no space, no permission) must not fail a save that succeeded.
@@ -145,5 +142,3 @@ class StatCache:
                 self.path,
                 exc.strerror or exc,
             )
-            with contextlib.suppress(OSError):
-                tmp.unlink()
