@@ -26,8 +26,6 @@ from ._repository import ManifestRef, Repository, blob_key, warn_damaged
 
 __all__ = ["GcPlan", "GcReport", "RetentionPolicy", "plan_gc"]
 
-_BLOB_PREFIX = "blobs/"
-
 
 @dataclass(frozen=True)
 class RetentionPolicy:
@@ -358,8 +356,6 @@ async def _delete_blobs(repo: Repository, batch: list[str]) -> None:
 
 async def _list_blobs(repo: Repository) -> dict[str, _BlobInfo]:
     blobs: dict[str, _BlobInfo] = {}
-    async for info in repo.backend.list(_BLOB_PREFIX):
-        blob_id = info.key.rsplit("/", 1)[-1]
-        if len(blob_id) == 64:
-            blobs[blob_id] = _BlobInfo(info.size, info.modified)
+    async for blob_id, info in repo.list_blobs():
+        blobs[blob_id] = _BlobInfo(info.size, info.modified)
     return blobs

@@ -186,10 +186,10 @@ class Maintenance:
 
         await self.repo.each_manifest(await self.repo.list_manifests(), count, warn_damaged)
         stored = blobs = unreferenced = unreferenced_bytes = 0
-        async for info in self.repo.backend.list("blobs/"):
+        async for blob_id, info in self.repo.list_blobs():
             blobs += 1
             stored += info.size
-            if info.key.rsplit("/", 1)[-1] not in referenced:
+            if blob_id not in referenced:
                 unreferenced += 1
                 unreferenced_bytes += info.size
         return StoreStats(

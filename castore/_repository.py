@@ -16,13 +16,13 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import anyio
 import anyio.to_thread
 
-from ._backends import Backend, BlockingAccess
+from ._backends import Backend, BlockingAccess, ObjectInfo
 from ._codec import MAX_BLOB_STORED_SIZE, decode_blob
 from ._errors import (
     BlobMissingError,
@@ -49,6 +49,9 @@ _CONFIG_KEY = "castore.json"
 _MANIFEST_NAME = re.compile(r"(\d{12})-a(\d+)-([0-9a-f]{16})\Z")
 _STORE_ID = re.compile(r"[0-9a-f]{32}\Z")
 _MAX_CONFIG_SIZE = 64 * 1024
+
+
+_BLOB_KEY = re.compile(r"blobs/([0-9a-f]{2})/([0-9a-f]{64})\Z")
 
 
 def blob_key(blob_id: str) -> str:
@@ -136,10 +139,19 @@ class Repository:
         encoded = await self.get_blob_encoded(blob_id)
         return await anyio.to_thread.run_sync(decode_blob, blob_id, encoded)
 
+    async def list_blobs(self) -> AsyncIterator[tuple[str, ObjectInfo]]:
+        """Every blob in the store, with its object's size and time (one listing). Only
+        canonical names count (``blobs/<first 2 hex>/<64 hex>``): an object castore did
+        not write there is never taken for a blob, so gc never deletes it."""
+        await self._require()
+        async for info in self.backend.list("blobs/"):
+            match = _BLOB_KEY.match(info.key)
+            if match is not None and match.group(2).startswith(match.group(1)):
+                yield match.group(2), info
+
     async def existing_blobs(self) -> set[str]:
         """Ids of every blob in the store (one listing)."""
-        await self._require()
-        return {info.key.rsplit("/", 1)[-1] async for info in self.backend.list("blobs/")}
+        return {blob_id async for blob_id, _ in self.list_blobs()}
 
     # -- manifests -------------------------------------------------------------------------
 

@@ -339,3 +339,20 @@ async def test_a_gc_killed_after_deleting_cannot_leave_a_stat_cache_trusting_its
     resaved = await w.writer.save(first)
     assert resaved.new_bytes > 0
     assert (await w.gc.verify(full=True)).ok
+
+
+async def test_only_canonical_blob_names_are_blobs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An object under blobs/ that castore did not write (an OCI layout's
+    blobs/sha256/<digest>, a blob filed under the wrong prefix) is not a blob: gc never
+    counts or deletes it."""
+    w = World(tmp_path)
+    await w.writer.write(b"a checkpoint")
+    digest = "ab" * 32
+    strangers = [f"blobs/sha256/{digest}", f"blobs/cd/{digest}", f"blobs/ab/{digest}.json"]
+    for key in strangers:
+        await w.inner.put(key, b"not castore's")
+    w.clock.advance(GRACE + 1)
+    await w.run_gc(grace=0)
+    for key in strangers:
+        assert await w.inner.head(key) is not None
+    assert (await w.gc.stats()).blobs == 1
