@@ -94,15 +94,24 @@ class Repository:
         store that was wiped and recreated at the same URL. ``create``: make the store
         if there is none (only a save does); otherwise StoreNotFoundError."""
         if self._store_id is None:
-            if create:
+            try:
+                raw = await self._read_config()
+            except StoreNotFoundError:
+                if not create:
+                    raise
+                # Created once, by the first save; a concurrent first save may win the
+                # put: both then read the one that landed.
                 doc = {"format": STORE_FORMAT_VERSION, "store_id": os.urandom(16).hex()}
                 await self.backend.put_if_absent(_CONFIG_KEY, json.dumps(doc).encode())
-            try:
-                raw = await self.backend.get(_CONFIG_KEY, max_size=_MAX_CONFIG_SIZE)
-            except ObjectNotFoundError as exc:
-                raise StoreNotFoundError(f"no castore store at {self.backend.url}") from exc
+                raw = await self._read_config()
             self._store_id = _parse_config(raw, self.backend.url)
         return self._store_id
+
+    async def _read_config(self) -> bytes:
+        try:
+            return await self.backend.get(_CONFIG_KEY, max_size=_MAX_CONFIG_SIZE)
+        except ObjectNotFoundError as exc:
+            raise StoreNotFoundError(f"no castore store at {self.backend.url}") from exc
 
     async def exists(self) -> bool:
         """Whether the store exists (its ``castore.json`` does)."""
