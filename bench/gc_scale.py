@@ -209,7 +209,7 @@ async def populate(urls: list[str], options: dict[str, Any], p: Params) -> dict[
 
     repos = [Repository(open_backend(url, **options)) for url in urls]
     for repo in repos:
-        await repo.store_id()
+        await repo.store_id(create=True)
     ids = [""] * p.blobs
     raw_size = [0] * p.blobs
     stored_size = [0] * p.blobs
