@@ -8,7 +8,9 @@ at all), it writes a claim for them, waits for sweeps that may
 have started before the claim was visible, and checks that every claimed blob still
 exists. A missing one raises :class:`GcConflict`; the save then runs again trusting
 no cache, which uploads the blob anew. The commit must follow within
-``COMMIT_WINDOW`` of the check; a slower writer checks again.
+``COMMIT_WINDOW`` of the check; a slower writer checks again, and a put that lands
+later than that (the writer was suspended) is checked after the fact by
+:func:`confirm_commit`. Every age here is measured on the store's clock.
 """
 
 from __future__ import annotations
