@@ -356,3 +356,40 @@ async def test_only_canonical_blob_names_are_blobs(tmp_path) -> None:  # type: i
     for key in strangers:
         assert await w.inner.head(key) is not None
     assert (await w.gc.stats()).blobs == 1
+
+
+async def test_a_sweep_does_not_delete_by_a_manifest_listing_older_than_the_grace(
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """Found by the model checker. Run A marks a blob; run B lists the manifests right
+    after and pauses; meanwhile a writer that checked before A's record existed commits
+    a manifest reusing the blob. When B resumes a grace later, A's record is due and
+    B's listing lacks the manifest: B must not delete by so old a listing."""
+    grace = 150.0  # safe with writers (>= 2 commit windows), shorter than the budget
+    w = World(tmp_path)
+    b_gates: list[Gate] = []
+    gc_b = Maintenance("memory://", clock=w.clock)
+    _attach(gc_b, GatedBackend(ClockedBackend(w.inner, w.clock, w.times), b_gates))
+    src = _tree(tmp_path / "src", 1)
+    await w.writer.save(src)
+    await (await w.gc.plan_gc(keep_last=0, grace=grace)).execute()
+    w.clock.advance(grace + 1)
+    committing = Gate("put_if_absent", "manifests/")
+    w.gates.append(committing)
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(w.writer.save, src)
+            await committing.reached.wait()  # checked: no record named its blobs then
+            assert (await w.run_gc(grace=grace)).marked_blobs > 0  # run A
+            plan_b = await gc_b.plan_gc(grace=grace)
+            listed = Gate("listed", "manifests/")
+            b_gates.append(listed)
+            tg.start_soon(plan_b.execute)
+            await listed.reached.wait()  # run B has its manifest listing
+            committing.release.set()
+            await anyio.sleep(0.05)
+            while not (await w.writer.list()):
+                await anyio.sleep(0.01)
+            w.clock.advance(grace + 1)  # A's record is due
+            listed.release.set()
+    assert (await w.gc.verify(full=True)).ok
