@@ -15,6 +15,13 @@ from castore._maintenance import Maintenance
 pytestmark = pytest.mark.anyio
 
 
+async def _intact(w: World, tmp_path, tree) -> None:  # type: ignore[no-untyped-def]
+    """The store verifies in full, and the key's newest checkpoint loads as ``tree``."""
+    assert (await w.gc.verify(full=True)).ok
+    out = await w.writer.load(tmp_path / "out")
+    assert out is not None and _snapshot(out) == _snapshot(tree)
+
+
 async def test_a_pause_right_after_the_start_snapshot_counts_as_save_time(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The save's start time is taken before its gc snapshot: a pause between the two
     (two whole gc runs here) is part of the save and makes the guard check every blob."""
@@ -38,9 +45,7 @@ async def test_a_pause_right_after_the_start_snapshot_counts_as_save_time(tmp_pa
             w.clock.advance(GRACE + 1)
             assert (await w.run_gc()).deleted_blobs > 0
             gate.release.set()
-    assert (await w.gc.verify(full=True)).ok
-    out = await w.writer.load(tmp_path / "out")
-    assert out is not None and _snapshot(out) == _snapshot(src)
+    await _intact(w, tmp_path, src)
 
 
 async def test_a_save_during_a_sweep_does_not_vouch_for_blobs_the_sweep_deletes(
@@ -69,9 +74,7 @@ async def test_a_save_during_a_sweep_does_not_vouch_for_blobs_the_sweep_deletes(
             deleting.release.set()
     resaved = await w.writer.save(first)  # unchanged files of the first root
     assert resaved.new_bytes > 0
-    assert (await w.gc.verify(full=True)).ok
-    out = await w.writer.load(tmp_path / "out")
-    assert out is not None and _snapshot(out) == _snapshot(first)
+    await _intact(w, tmp_path, first)
 
 
 async def test_a_marker_left_by_a_killed_gc_does_not_stop_load_from_priming_the_cache(
@@ -176,9 +179,7 @@ async def test_two_gc_runs_never_sweep_at_once(tmp_path) -> None:  # type: ignor
                 pass  # refused while G1 sweeps
             result.append(await w.writer.save(src))
             deleting.release.set()
-    assert (await w.gc.verify(full=True)).ok
-    out = await w.writer.load(tmp_path / "out")
-    assert out is not None and _snapshot(out) == _snapshot(src)
+    await _intact(w, tmp_path, src)
 
 
 async def test_a_second_gc_is_refused_while_one_sweeps_and_stale_markers_are_cleared(
