@@ -20,15 +20,16 @@ while holding the lock is a leftover of a killed restore, never a live one's wor
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
+import functools
 import logging
 import os
 import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -52,7 +53,12 @@ _SUFFIX_ROOM = len(".castore-00000000.tmp") + 1
 _LOCK_POLL_S = 0.05
 
 
-def _load_renameat2() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+@functools.cache
+def _renameat2() -> Any:
+    """libc's renameat2, or None. Loaded on first use: ctypes costs every CLI call
+    that never restores (it was made lazy for start-up time before)."""
+    import ctypes
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         func = libc.renameat2
@@ -63,17 +69,17 @@ def _load_renameat2() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     return func
 
 
-_renameat2 = _load_renameat2()
-
-
 def exchange(a: Path, b: Path) -> bool:
     """Atomically swap the directory entries ``a`` and ``b`` (both must exist).
     False when this system cannot (no ``renameat2``, or the kernel or file system
     rejects RENAME_EXCHANGE); then nothing was changed."""
-    if _renameat2 is None:
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
-    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
+    import ctypes
+
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
         return False
