@@ -224,7 +224,7 @@ def _gc_steps(s: State, i: int, p: Protocol) -> list[State]:
         return state._replace(gcs=tuple(gcs))
 
     out: list[State] = []
-    killable = pc not in ("idle", "blobs", "begin", "done")
+    killable = pc not in ("idle", "begin", "done")
     if killable and (p.crash_points is None or pc in p.crash_points):
         # Killed between two requests: its marker stays (and ages into a stale one).
         out.append(put(s, pc="done"))
@@ -235,11 +235,7 @@ def _gc_steps(s: State, i: int, p: Protocol) -> list[State]:
         gcs[i] = Gc(runs=g.runs + 1)
         out.append(s._replace(gcs=tuple(gcs)))
     if pc == "idle":
-        out.append(put(s, pc="blobs"))
-    elif pc == "blobs":
-        # The blob listing comes first, before the lease: however long it takes on a
-        # large store, it costs the sweep none of its budget.
-        out.append(put(s, pc="begin", blob_seen=s.blob is not None))
+        out.append(put(s, pc="begin"))
     elif pc == "begin":
         if p.lease and _live_markers(s, exclude=i):
             return [put(s, pc="done")]  # GcConflict: another run sweeps
@@ -251,14 +247,14 @@ def _gc_steps(s: State, i: int, p: Protocol) -> list[State]:
         claimed = p.claims and s.claim is not None and s.claim < CLAIM_TTL
         out.append(put(s, pc="manifests", claimed=claimed))
     elif pc == "manifests":
-        out.append(put(s, pc="decide", referenced=s.manifest, listed=0))
+        out.append(put(s, pc="blobs", referenced=s.manifest, listed=0))
+    elif pc == "blobs":
+        out.append(put(s, pc="decide", blob_seen=s.blob is not None))
     elif pc == "decide":
         due = frozenset(r for r in s.records if r[0] >= GRACE)
         spare = g.referenced or g.claimed or not g.blob_seen
-        # The code also spares a blob rewritten since its record (by the listing's
-        # times, which may be stale); the model deletes it anyway: the protocol must
-        # hold without that check.
-        deletable = not spare and bool(due)
+        # A blob stored again since its record (the listing's time is newer) is spared.
+        deletable = not spare and any(not rewritten for _, rewritten in due)
         old_blob = s.blob is not None and s.blob >= GRACE
         markable = not spare and not deletable and not s.records and old_blob
         out.append(put(s, pc="mark", due=due, deletable=deletable, markable=markable))
