@@ -197,26 +197,29 @@ class GcState:
         self._damage = {d.key: d for d in damage}
         return GcSnapshot(tuple(records), tuple(sweeps), _generation(generations), tuple(damage))
 
+    async def _read(self, key: str) -> dict[str, object] | None:
+        """A record's, claim's or damage record's document (size-capped); None if it
+        was deleted between the listing and the read."""
+        try:
+            data = await self.backend.get(key, max_size=_MAX_STORED)
+        except ObjectNotFoundError:
+            return None
+        return await anyio.to_thread.run_sync(_unpack, key, data)
+
     async def _damage_record(self, key: str) -> DamageRecord | None:
         known = self._damage.get(key)
         if known is not None:
             return known
-        try:
-            data = await self.backend.get(key)
-        except ObjectNotFoundError:
-            return None  # cleared between the listing and the read
-        doc = await anyio.to_thread.run_sync(_unpack, key, data)
-        return DamageRecord(key, _blob_set(key, doc.get("blobs")))
+        doc = await self._read(key)
+        return None if doc is None else DamageRecord(key, _blob_set(key, doc.get("blobs")))
 
     async def _record(self, info: ObjectInfo) -> CandidateRecord | None:
         record = self._records.get(info.key)
         if record is not None:
             return record
-        try:
-            data = await self.backend.get(info.key, max_size=_MAX_STORED)
-        except ObjectNotFoundError:
-            return None  # swept between the listing and the read
-        doc = await anyio.to_thread.run_sync(_unpack, info.key, data)
+        doc = await self._read(info.key)
+        if doc is None:
+            return None
         return CandidateRecord(
             info.key,
             _time(info.key, doc.get("created_at")),
@@ -291,17 +294,12 @@ class GcState:
         committing, or are checked again by their writer after its commit)."""
         claimed: set[str] = set()
         for info in await self._list(CLAIMS):
-            if self._ours(info) is None:
-                continue
-            try:
-                data = await self.backend.get(info.key, max_size=_MAX_STORED)
-            except ObjectNotFoundError:
-                continue
-            if now - info.modified >= ttl:
+            if self._ours(info) is None or now - info.modified >= ttl:
                 continue
             # Unreadable, it may protect any blob: no sweep until it expires.
-            doc = await anyio.to_thread.run_sync(_unpack, info.key, data)
-            claimed |= _blob_set(info.key, doc.get("blobs"))
+            doc = await self._read(info.key)
+            if doc is not None:
+                claimed |= _blob_set(info.key, doc.get("blobs"))
         return claimed
 
     # -- writers' side ----------------------------------------------------------------------
