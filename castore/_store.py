@@ -556,6 +556,13 @@ _INT_OPTIONS = (
 )
 
 
+def _pop_bool(options: dict[str, Any], name: str, default: bool) -> bool:
+    value = options.pop(name, default)
+    if not isinstance(value, bool):
+        raise UsageError(f"option {name} must be True or False, got {value!r}")
+    return value
+
+
 def _split_options(options: dict[str, Any]) -> tuple[_OwnOptions, dict[str, Any]]:
     """castore's own options, validated; the rest belongs to the backend."""
     rest = dict(options)
@@ -566,12 +573,8 @@ def _split_options(options: dict[str, Any]) -> tuple[_OwnOptions, dict[str, Any]
             if not isinstance(value, int) or isinstance(value, bool):
                 raise UsageError(f"option {name} must be an integer, got {value!r}")
             ints[name] = value
-    stat_cache = rest.pop("stat_cache", True)
-    if not isinstance(stat_cache, bool):
-        raise UsageError(f"option stat_cache must be True or False, got {stat_cache!r}")
-    special_bits = rest.pop("restore_special_bits", False)
-    if not isinstance(special_bits, bool):
-        raise UsageError(f"option restore_special_bits must be True or False, got {special_bits!r}")
+    stat_cache = _pop_bool(rest, "stat_cache", True)
+    special_bits = _pop_bool(rest, "restore_special_bits", False)
     cache_dir = rest.pop("cache_dir", None)
     clock = rest.pop("clock", None) or SystemClock()
     defaults = ChunkParams()
