@@ -332,13 +332,17 @@ class GcState:
         await self.backend.put(key, data)
         await self.backend.flush()
 
-    async def clear_damage(self, stored: set[str]) -> None:
+    async def clear_damage(self, stored: set[str]) -> frozenset[str]:
         """Delete the damage records all of whose blobs are in ``stored`` (known to be
-        in the store again)."""
+        in the store again); return the blobs the remaining records name."""
+        remaining: set[str] = set()
         for record in (await self.snapshot()).damage:
             if record.blobs <= stored:
                 await self.backend.delete(record.key)
                 self._damage.pop(record.key, None)
+            else:
+                remaining |= record.blobs
+        return frozenset(remaining)
 
     # -- pins ------------------------------------------------------------------------------
 

@@ -9,19 +9,22 @@ store a missing one anew instead of referencing it again.
 
 from __future__ import annotations
 
+import logging
 import random
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ._clock import Clock
-from ._errors import IntegrityError
+from ._errors import IntegrityError, StorageError
 from ._gcstate import GcState
 from ._manifest import Manifest
 from ._repository import ManifestRef, Repository
 from ._taskgroup import for_each
 
 __all__ = ["IntegrityScan", "check_store"]
+
+_log = logging.getLogger("castore")
 
 
 @dataclass
@@ -69,10 +72,15 @@ async def check_store(
     await repo.each_manifest(refs, note, damaged)
     present = await repo.existing_blobs()
     scan.missing = {b for b in scan.users if b not in present}
-    if scan.missing:
-        await state.record_damage(clock.now(), scan.missing)
-    # Damage found before and mended since (a save or repair stored the blob again).
-    await state.clear_damage(present)
+    try:
+        # Damage found before and mended since (a save or repair stored the blob again)
+        # is forgotten; damage not yet recorded is recorded, once.
+        recorded = await state.clear_damage(present)
+        if scan.missing - recorded:
+            await state.record_damage(clock.now(), scan.missing - recorded)
+    except StorageError as exc:
+        # A store this process may only read: the report is still whole.
+        _log.warning("castore: could not update the store's damage records: %s", exc)
     to_hash = [b for b in scan.users if b in present]
     if not full:
         if sample > 0 and to_hash:
