@@ -35,7 +35,7 @@ from ._codec import encode_blob, hash_bytes
 from ._errors import SourceChangedError
 from ._manifest import Entry, Manifest, Part
 from ._repository import Repository
-from ._scan import ScannedEntry, local_error, rescan, stat_key
+from ._scan import ScannedEntry, reading, rescan, stat_key
 from ._statcache import FilePart, StatCache
 from ._taskgroup import task_group
 
@@ -288,12 +288,8 @@ class SavePipeline:
         """The chunker's next batch; None (the file closed, the batch released) as soon
         as the open file is seen to differ from ``entry``'s stat: before the first
         read, by reading past its size, or after the last read."""
-        try:
+        with reading(entry.abspath):
             batch = chunker.next_batch()
-        except FileNotFoundError as exc:
-            raise SourceChangedError(f"{entry.abspath} vanished while saving") from exc
-        except OSError as exc:
-            raise local_error("cannot read", entry.abspath, exc) from exc
         before = chunker.stat_before
         same = before is not None and stat_key(before) == entry.stat_key
         same = same and chunker.bytes_read <= entry.size
@@ -432,19 +428,17 @@ def _rescan(changed: list[_FileWork]) -> None:
 def _read_small(entry: ScannedEntry) -> bytes | None:
     """A small file's bytes, if the open file's stat equals ``entry``'s before and after
     the read and the read found exactly its size; None if it changed."""
-    try:
-        with open(entry.abspath, "rb", buffering=0, opener=open_nonblocking) as f:
-            if stat_key(os.fstat(f.fileno())) != entry.stat_key:
-                return None
-            # One byte more than expected tells a file that grew from one that did not.
-            data = _read_upto(f, entry.size + 1)
-            if len(data) != entry.size or stat_key(os.fstat(f.fileno())) != entry.stat_key:
-                return None
-            return data
-    except FileNotFoundError as exc:
-        raise SourceChangedError(f"{entry.abspath} vanished while saving") from exc
-    except OSError as exc:
-        raise local_error("cannot read", entry.abspath, exc) from exc
+    with (
+        reading(entry.abspath),
+        open(entry.abspath, "rb", buffering=0, opener=open_nonblocking) as f,
+    ):
+        if stat_key(os.fstat(f.fileno())) != entry.stat_key:
+            return None
+        # One byte more than expected tells a file that grew from one that did not.
+        data = _read_upto(f, entry.size + 1)
+        if len(data) != entry.size or stat_key(os.fstat(f.fileno())) != entry.stat_key:
+            return None
+        return data
 
 
 def _read_upto(f: BinaryIO, limit: int) -> bytes:

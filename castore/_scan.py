@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ __all__ = [
     "StatKey",
     "local_error",
     "present_files",
+    "reading",
     "rescan",
     "scan_file",
     "scan_tree",
@@ -97,17 +99,26 @@ def scan_file(path: str) -> ScannedEntry:
 def rescan(entry: ScannedEntry) -> ScannedEntry:
     """``entry`` as it is now, for a file read again after it changed while being read.
     SourceChangedError if it is gone or no longer a regular file."""
-    try:
+    with reading(entry.abspath):
         st = os.lstat(entry.abspath)
-    except FileNotFoundError as exc:
-        raise SourceChangedError(f"{entry.abspath} vanished while saving") from exc
-    except OSError as exc:
-        raise local_error("cannot read", entry.abspath, exc) from exc
     if not stat.S_ISREG(st.st_mode):
         raise SourceChangedError(f"{entry.abspath} stopped being a regular file while saving")
     return ScannedEntry(
         entry.path, entry.abspath, "file", stat.S_IMODE(st.st_mode), st.st_size, stat_key(st)
     )
+
+
+@contextlib.contextmanager
+def reading(path: str) -> Iterator[None]:
+    """OS errors while reading the source file ``path``, in castore's terms: a file
+    that vanished changed under the save (SourceChangedError); any other error is a
+    LocalFileError naming it."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise SourceChangedError(f"{path} vanished while saving") from exc
+    except OSError as exc:
+        raise local_error("cannot read", path, exc) from exc
 
 
 def local_error(action: str, path: str, exc: OSError) -> LocalFileError:
