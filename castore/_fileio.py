@@ -6,7 +6,9 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["pwrite_all", "write_replacing"]
+__all__ = ["fsync_dir", "pwrite_all", "write_replacing"]
+
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 WRITE_PIECE = 256 * 1024
 """Bytes per write call. The kernel sizes the page-cache folios a write allocates by
@@ -37,3 +39,12 @@ def write_replacing(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the entries of directory ``path`` durable (names created, renamed, deleted)."""
+    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -31,7 +31,7 @@ from ._budget import ByteBudget
 from ._codec import decode_blob_into, hash_bytes
 from ._dest import Protected, check_contents, check_protected
 from ._errors import CastoreError, IntegrityError, LocalFileError
-from ._fileio import pwrite_all
+from ._fileio import fsync_dir, pwrite_all
 from ._manifest import Manifest
 from ._modes import ModePolicy, check_mtimes
 from ._repository import Repository
@@ -140,15 +140,7 @@ def _check_space(dest: Path, manifest: Manifest) -> None:
 def _swap(tmp: Path, dest: Path, durable: bool) -> None:
     swap_into_place(tmp, dest)
     if durable:
-        _fsync_path(dest.parent)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(dest.parent)
 
 
 async def read_payload(repo: Repository, manifest: Manifest, options: RestoreOptions) -> bytes:

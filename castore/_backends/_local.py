@@ -11,6 +11,7 @@ it runs in worker threads, so the data fsyncs overlap hashing and compression.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import os
 import threading
@@ -21,7 +22,7 @@ import anyio
 import anyio.to_thread
 
 from .._errors import ObjectNotFoundError, StorageError, StoragePermissionError, UsageError
-from .._fileio import pwrite_all
+from .._fileio import fsync_dir, pwrite_all
 from ._base import Backend, BlockingAccess, ObjectInfo, too_large
 
 __all__ = ["LocalBackend"]
@@ -254,14 +255,8 @@ def _check_size(key: str, size: int, max_size: int) -> None:
 
 def _fsync_dirs(dirs: list[str]) -> None:
     for d in dirs:
-        try:
-            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            continue
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):  # removed since: nothing to keep
+            fsync_dir(d)
 
 
 class _mapped_errors:
