@@ -40,6 +40,7 @@ __all__ = [
     "decompress_bounded",
     "encode_blob",
     "hash_bytes",
+    "max_stored_size",
 ]
 
 BLOB_FORMAT_VERSION = 1
@@ -48,7 +49,16 @@ MAX_BLOB_RAW_SIZE = 64 * 1024 * 1024
 
 _MAGIC = b"CSTB"
 _HEADER = struct.Struct("<4sBBHQ")
-MAX_BLOB_STORED_SIZE = _HEADER.size + MAX_BLOB_RAW_SIZE + MAX_BLOB_RAW_SIZE // 128 + 64 * 1024
+
+
+def max_stored_size(content_cap: int) -> int:
+    """Cap on the stored size of an object whose content is capped at ``content_cap``:
+    more than zstd's and blosc's worst-case expansion of incompressible data, plus
+    framing. An object larger than this is refused before it is read."""
+    return content_cap + content_cap // 128 + 64 * 1024
+
+
+MAX_BLOB_STORED_SIZE = _HEADER.size + max_stored_size(MAX_BLOB_RAW_SIZE)
 """Cap on a blob object's stored size: the header, the raw cap, and more than zstd's and
 blosc's worst-case expansion of incompressible data (writers store such data raw).
 Backends refuse to read a larger object, so a huge file in a hostile store is never

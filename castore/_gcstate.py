@@ -26,7 +26,7 @@ import anyio.to_thread
 import zstandard
 
 from ._backends import Backend, ObjectInfo
-from ._codec import decompress_bounded
+from ._codec import decompress_bounded, max_stored_size
 from ._errors import GcConflict, IntegrityError, ObjectNotFoundError
 from ._manifest import MAX_MANIFEST_SIZE
 
@@ -56,7 +56,7 @@ in fewer bytes per blob than the manifest, so it fits."""
 MAX_RECORD_BLOBS = 1_000_000
 """Blobs one candidate record names (~68 MB of JSON), well under the cap; a sweep that
 finds more marks the rest in a later run."""
-_MAX_STORED = MAX_GC_OBJECT_SIZE + MAX_GC_OBJECT_SIZE // 128 + 64 * 1024
+_MAX_STORED = max_stored_size(MAX_GC_OBJECT_SIZE)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Any, cast
 
 import zstandard
 
-from ._codec import MAX_BLOB_RAW_SIZE, decompress_bounded
+from ._codec import MAX_BLOB_RAW_SIZE, decompress_bounded, max_stored_size
 from ._errors import IntegrityError, UsageError
 from ._types import CheckpointInfo, EntryType, SourceKind
 
@@ -55,7 +55,7 @@ MAX_MANIFEST_SIZE = 128 * 1024 * 1024
 ~100, so 128 MiB holds a 1M-chunk checkpoint (1 TiB at the default 1 MiB chunks) with
 room to spare, while a hostile manifest at the cap costs a bounded ~1.5 GiB to parse
 (docs/format.md gives the measurements)."""
-MAX_MANIFEST_STORED_SIZE = MAX_MANIFEST_SIZE + MAX_MANIFEST_SIZE // 128 + 64 * 1024
+MAX_MANIFEST_STORED_SIZE = max_stored_size(MAX_MANIFEST_SIZE)
 """Cap on a manifest object's size (zstd never expands much): larger is not read."""
 MAX_CONTAINERS = 4_000_000
 """Cap on the JSON arrays and objects of a manifest. A chunk reference costs about two
